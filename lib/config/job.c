@@ -1,0 +1,648 @@
+/* job.c - the job schema, kept in ONE table (KEYS), and everything driven
+ * by it: defaults, loading a YAML job file, --set overrides, validation,
+ * writing the resolved job back as YAML and describing the keys.
+ *
+ * Adding a key is one KEY(...) line below plus its member in kfac_job.
+ *
+ * Every message about a key starts with where its value came from:
+ * "FILE:LINE:COL: section.key", "--set section.key", or just "section.key"
+ * for a struct handed to kfac_job_validate. */
+#include "kfac/kfac_job.h"
+
+#include <assert.h>
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "config/yaml_tree.h"
+
+/* ---- the schema ---- */
+
+typedef enum key_type { T_STR, T_INT, T_BOOL, T_FLOAT, T_U64, T_FLIST } key_type;
+
+static const struct {
+    const char *name;   /* shown by kfac_job_describe */
+    const char *expect; /* "expected ..., got ..." */
+} TYPES[] = {
+    [T_STR] = {"string", "a string"},
+    [T_INT] = {"int", "an integer"},
+    [T_BOOL] = {"bool", "true or false"},
+    [T_FLOAT] = {"float", "a number"},
+    [T_U64] = {"uint64", "a non-negative integer"},
+    [T_FLIST] = {"float list", "a list of numbers like [30, 60]"},
+};
+
+/* Size of the kfac_job member that holds a value of type `t`. */
+#define TYPE_SIZE(t)                                                        \
+    ((t) == T_STR     ? (size_t)KFAC_JOB_STR                                \
+     : (t) == T_FLOAT ? sizeof(float)                                       \
+     : (t) == T_U64   ? sizeof(uint64_t)                                    \
+     : (t) == T_FLIST ? sizeof(float[KFAC_JOB_MAX_MILESTONES])              \
+                      : sizeof(int))
+
+/* offsetof(kfac_job, m), refusing to compile (negative array size) when
+ * the member's size does not match `type`: a wrong type in KEYS would
+ * otherwise silently overwrite neighbouring fields. */
+#define MEMBER(m, type)                                                     \
+    (offsetof(kfac_job, m) +                                                \
+     0 * sizeof(char[sizeof(((kfac_job *)0)->m) == TYPE_SIZE(type) ? 1 : -1]))
+
+/* Allowed values.  Numbers (and each list item) must lie between lo and hi;
+ * strings must be non-empty and, with one_of, one of its '|'-separated words. */
+typedef struct limits {
+    double lo, hi;
+    unsigned char lo_open, hi_open; /* bound itself excluded */
+    const char *one_of;
+} limits;
+
+#define ANY {-INFINITY, INFINITY, 0, 0, NULL}
+#define AT_LEAST(a) {(a), INFINITY, 0, 0, NULL}
+#define ABOVE(a) {(a), INFINITY, 1, 0, NULL}
+#define UNIT {0, 1, 0, 1, NULL} /* [0, 1) */
+#define ONE_OF(words) {-INFINITY, INFINITY, 0, 0, (words)}
+
+typedef struct key_spec {
+    const char *path;    /* "section.key" */
+    key_type type;
+    size_t offset;       /* of the value in kfac_job */
+    size_t count_offset; /* float lists: of the int item count */
+    const char *def;     /* default, written as a --set value */
+    limits check;
+    const char *help;
+} key_spec;
+
+#define KEY(sec, key, type, def, check, help) \
+    {#sec "." #key, type, MEMBER(sec.key, type), 0, def, check, help}
+#define LIST(sec, key, count, def, check, help) \
+    {#sec "." #key, T_FLIST, MEMBER(sec.key, T_FLIST), MEMBER(sec.count, T_INT), def, check, help}
+
+/* Keys of one section must be adjacent: sections are found by scanning. */
+static const key_spec KEYS[] = {
+    KEY(model, name, T_STR, "resnet8-fmnist",
+        ONE_OF("resnet8-fmnist|resnet20|resnet32|resnet18|resnet34|resnet50"), "network architecture"),
+    KEY(model, zero_init_residual, T_BOOL, "false", ANY,
+        "start the last batch-norm scale of each residual block at zero"),
+
+    KEY(data, format, T_STR, "idx", ONE_OF("idx"), "dataset file format"),
+    KEY(data, path, T_STR, "/usr/share/datasets/fashion-mnist", ANY, "folder holding the dataset files"),
+    KEY(data, augment, T_BOOL, "true", ANY, "augment training images (random pad-crop)"),
+    KEY(data, pad, T_INT, "2", AT_LEAST(0), "pad-crop padding in pixels"),
+    KEY(data, mean, T_FLOAT, "0.2860", ANY, "normalisation mean of pixel values scaled to [0, 1]"),
+    KEY(data, std, T_FLOAT, "0.3530", ABOVE(0), "normalisation standard deviation"),
+
+    KEY(optimizer, name, T_STR, "sgd", ONE_OF("sgd"), "optimizer"),
+    KEY(optimizer, momentum, T_FLOAT, "0.9", UNIT, "momentum coefficient"),
+    KEY(optimizer, nesterov, T_BOOL, "true", ANY, "use Nesterov momentum"),
+    KEY(optimizer, weight_decay, T_FLOAT, "5e-4", AT_LEAST(0), "L2 weight decay coefficient"),
+    KEY(optimizer, decay_bn_and_bias, T_BOOL, "false", ANY,
+        "apply weight decay to batch-norm parameters and biases too"),
+
+    KEY(schedule, lr, T_FLOAT, "0.1", ABOVE(0), "peak learning rate, reached at the end of warm-up"),
+    KEY(schedule, warmup_epochs, T_FLOAT, "1", AT_LEAST(0), "epochs of linear warm-up from warmup_start_lr to lr"),
+    KEY(schedule, warmup_start_lr, T_FLOAT, "0", AT_LEAST(0), "learning rate at the start of warm-up"),
+    KEY(schedule, decay, T_STR, "cosine", ONE_OF("cosine|poly|step|constant"), "learning-rate decay after warm-up"),
+    KEY(schedule, final_lr, T_FLOAT, "0", AT_LEAST(0), "cosine/poly: learning rate at decay_end_epoch"),
+    KEY(schedule, poly_power, T_FLOAT, "2", ABOVE(0), "poly: exponent of the decay"),
+    KEY(schedule, decay_start_epoch, T_FLOAT, "-1", AT_LEAST(-1), "poly: epoch the decay starts (-1: end of warm-up)"),
+    KEY(schedule, decay_end_epoch, T_FLOAT, "-1", AT_LEAST(-1),
+        "cosine/poly: epoch the learning rate reaches final_lr (-1: train.epochs)"),
+    LIST(schedule, milestones, num_milestones, "[]", AT_LEAST(0),
+         "step: increasing epochs at which the learning rate is multiplied by gamma"),
+    KEY(schedule, gamma, T_FLOAT, "0.1", ABOVE(0), "step: factor applied at each milestone"),
+
+    KEY(train, epochs, T_INT, "15", AT_LEAST(1), "number of training epochs"),
+    KEY(train, batch_size, T_INT, "128", AT_LEAST(1), "training mini-batch size"),
+    KEY(train, eval_batch_size, T_INT, "1000", AT_LEAST(1), "evaluation batch size"),
+    KEY(train, seed, T_U64, "1", ANY, "random seed (initialisation, shuffling, augmentation)"),
+    KEY(train, threads, T_INT, "0", AT_LEAST(0), "compute threads (0: all cores)"),
+    KEY(train, label_smoothing, T_FLOAT, "0", UNIT, "label smoothing of the cross-entropy loss"),
+    KEY(train, max_steps, T_INT, "0", AT_LEAST(0), "stop after this many steps in total (0: no limit)"),
+
+    KEY(output, dir, T_STR, "runs/job", ANY, "output folder, created if missing"),
+    KEY(output, metrics, T_STR, "metrics.jsonl", ANY, "JSON-lines metrics file inside output.dir"),
+};
+enum { NKEYS = sizeof KEYS / sizeof KEYS[0] };
+
+/* The value of a key inside a job, as a T pointer. */
+#define AT(job, offset, T) ((T *)((char *)(job) + (offset)))
+
+/* ---- small helpers ---- */
+
+/* Appends like snprintf: `len` counts all text appended, even past `cap`. */
+typedef struct strbuf {
+    char *p;
+    size_t cap, len;
+} strbuf;
+
+static strbuf sb_init(char *p, size_t cap)
+{
+    if (cap) p[0] = '\0';
+    return (strbuf){p, cap, 0};
+}
+
+static void sb_add(strbuf *sb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void sb_add(strbuf *sb, const char *fmt, ...)
+{
+    size_t room = sb->len < sb->cap ? sb->cap - sb->len : 0;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(room ? sb->p + sb->len : NULL, room, fmt, ap);
+    va_end(ap);
+    if (n > 0) sb->len += (size_t)n;
+}
+
+static char *trim(char *s)
+{
+    while (isspace((unsigned char)*s)) s++;
+    size_t n = strlen(s);
+    while (n && isspace((unsigned char)s[n - 1])) s[--n] = '\0';
+    return s;
+}
+
+/* "optimizer" in "optimizer.momentum": its length, and the part after it. */
+static size_t section_len(const char *path) { return (size_t)(strchr(path, '.') - path); }
+static const char *key_name(const char *path) { return strchr(path, '.') + 1; }
+
+static int in_section(const key_spec *k, const char *sec, size_t len)
+{
+    return section_len(k->path) == len && strncmp(k->path, sec, len) == 0;
+}
+
+static int starts_section(int i)
+{
+    return i == 0 || !in_section(&KEYS[i - 1], KEYS[i].path, section_len(KEYS[i].path));
+}
+
+/* Index of key `name` in section `sec` (`len` bytes), or -1; with a NULL
+ * name, of the section's first key. */
+static int find_key(const char *sec, size_t len, const char *name)
+{
+    for (int i = 0; i < NKEYS; i++)
+        if (in_section(&KEYS[i], sec, len) && (!name || strcmp(key_name(KEYS[i].path), name) == 0))
+            return i;
+    return -1;
+}
+
+static int find_path(const char *path)
+{
+    int i = find_key(path, section_len(path), key_name(path));
+    assert(i >= 0 && "path is in KEYS");
+    return i;
+}
+
+/* "name, momentum, ..." for section `sec`, or the section names when NULL. */
+static void known_names(char *buf, size_t cap, const char *sec, size_t len)
+{
+    strbuf sb = sb_init(buf, cap);
+    for (int i = 0; i < NKEYS; i++) {
+        const char *path = KEYS[i].path;
+        if (sec && in_section(&KEYS[i], sec, len))
+            sb_add(&sb, "%s%s", sb.len ? ", " : "", key_name(path));
+        else if (!sec && starts_section(i))
+            sb_add(&sb, "%s%.*s", sb.len ? ", " : "", (int)section_len(path), path);
+    }
+}
+
+/* Unknown section `sec`, or unknown key `name` in a known one. */
+static kfac_status unknown_name(const char *prefix, const char *sec, size_t len, const char *name)
+{
+    char known[512];
+    if (find_key(sec, len, NULL) < 0) {
+        known_names(known, sizeof known, NULL, 0);
+        return KFAC_ERR(KFAC_EINVAL, "%s: unknown section '%.*s' (known: %s)", prefix, (int)len, sec, known);
+    }
+    known_names(known, sizeof known, sec, len);
+    return KFAC_ERR(KFAC_EINVAL, "%s: unknown key '%s' in section '%.*s' (known: %s)", prefix, name,
+                    (int)len, sec, known);
+}
+
+/* ---- where values come from ---- */
+
+#define WHERE_CAP 1024
+#define FROM_SET (-1) /* origin.line of a value given by --set */
+
+/* line > 0: a file position; FROM_SET; 0: the built-in default. */
+typedef struct origin {
+    int line, col;
+} origin;
+
+/* The file being loaded and where each key's current value came from. */
+typedef struct source {
+    const char *file;
+    origin at[NKEYS];
+} source;
+
+static const char *format_where(char *buf, const char *file, origin o, const char *path)
+{
+    if (o.line > 0)
+        snprintf(buf, WHERE_CAP, "%s:%d:%d: %s", file, o.line, o.col, path);
+    else
+        snprintf(buf, WHERE_CAP, "%s%s", o.line == FROM_SET ? "--set " : "", path);
+    return buf;
+}
+
+/* Message prefix for key `i`; `src` may be NULL (no locations known). */
+static const char *key_where(char *buf, const source *src, int i)
+{
+    return format_where(buf, src ? src->file : NULL, src ? src->at[i] : (origin){0, 0}, KEYS[i].path);
+}
+
+/* ---- parsing values ---- */
+
+/* 1 or 0 for the YAML 1.1 boolean words, -1 for anything else. */
+static int parse_bool(const char *s)
+{
+    static const char *const words[] = {"false", "true", "no", "yes", "off", "on", "0", "1"};
+    for (size_t i = 0; i < sizeof words / sizeof words[0]; i++)
+        if (strcasecmp(s, words[i]) == 0) return (int)(i % 2);
+    return -1;
+}
+
+/* Parses the whole of `text` as a `type` scalar into `dst`. */
+static kfac_status parse_scalar(key_type type, const char *text, void *dst, const char *where)
+{
+    char *end = NULL;
+    errno = 0;
+    switch (type) {
+    case T_STR:
+        if (strlen(text) >= KFAC_JOB_STR)
+            return KFAC_ERR(KFAC_EINVAL, "%s: longer than %d characters", where, KFAC_JOB_STR - 1);
+        strncpy(dst, text, KFAC_JOB_STR); /* zero-fills the rest: equal jobs are equal bytes */
+        return KFAC_OK;
+    case T_BOOL: {
+        int v = parse_bool(text);
+        if (v < 0) break;
+        *(int *)dst = v;
+        return KFAC_OK;
+    }
+    case T_INT: {
+        long long v = strtoll(text, &end, 10);
+        if (end == text || *end || errno || v < INT_MIN || v > INT_MAX) break;
+        *(int *)dst = (int)v;
+        return KFAC_OK;
+    }
+    case T_U64: {
+        unsigned long long v = strtoull(text, &end, 10);
+        if (!isdigit((unsigned char)text[0]) || *end || errno) break; /* strtoull takes "-1" */
+        *(uint64_t *)dst = v;
+        return KFAC_OK;
+    }
+    case T_FLOAT: {
+        float v = strtof(text, &end); /* strtof, not strtod: the value write_yaml prints reads back */
+        if (end == text || *end || errno || !isfinite(v)) break;
+        *(float *)dst = v;
+        return KFAC_OK;
+    }
+    case T_FLIST:
+        assert(!"lists are parsed item by item");
+        break;
+    }
+    return KFAC_ERR(KFAC_EINVAL, "%s: expected %s, got '%s'", where, TYPES[type].expect, text);
+}
+
+static void list_clear(kfac_job *job, const key_spec *k)
+{
+    memset(AT(job, k->offset, float), 0, TYPE_SIZE(T_FLIST));
+    *AT(job, k->count_offset, int) = 0;
+}
+
+static kfac_status list_push(kfac_job *job, const key_spec *k, const char *text, const char *where)
+{
+    int *count = AT(job, k->count_offset, int);
+    float v = 0;
+    if (*count == KFAC_JOB_MAX_MILESTONES)
+        return KFAC_ERR(KFAC_EINVAL, "%s: more than %d items", where, KFAC_JOB_MAX_MILESTONES);
+    KFAC_TRY(parse_scalar(T_FLOAT, text, &v, where));
+    AT(job, k->offset, float)[(*count)++] = v;
+    return KFAC_OK;
+}
+
+/* Sets key `k` from a --set value (also the syntax of the defaults): a
+ * scalar, or for lists "[30, 60]", "30,60", "[]" or "". */
+static kfac_status set_from_text(kfac_job *job, const key_spec *k, const char *text, const char *where)
+{
+    char buf[1024];
+    if (strlen(text) >= sizeof buf)
+        return KFAC_ERR(KFAC_EINVAL, "%s: value longer than %zu characters", where, sizeof buf - 1);
+    char *s = trim(strcpy(buf, text));
+    if (k->type != T_FLIST) return parse_scalar(k->type, s, AT(job, k->offset, void), where);
+
+    size_t n = strlen(s);
+    if (n >= 2 && s[0] == '[' && s[n - 1] == ']') {
+        s[n - 1] = '\0';
+        s = trim(s + 1);
+    }
+    list_clear(job, k);
+    if (!*s) return KFAC_OK;
+    for (char *item = s, *comma; item; item = comma ? comma + 1 : NULL) {
+        if ((comma = strchr(item, ','))) *comma = '\0';
+        KFAC_TRY(list_push(job, k, trim(item), where));
+    }
+    return KFAC_OK;
+}
+
+static kfac_status expect_kind(const ytree *node, ytree_kind want, key_type type, const char *where)
+{
+    if (node->kind == want) return KFAC_OK;
+    return KFAC_ERR(KFAC_EINVAL, "%s: expected %s, got %s", where, TYPES[type].expect,
+                    ytree_kind_name(node->kind));
+}
+
+/* Sets key `k` from its value node in `file`. */
+static kfac_status set_from_node(kfac_job *job, const key_spec *k, const ytree *value, const char *file)
+{
+    char w[WHERE_CAP];
+    format_where(w, file, (origin){value->line, value->col}, k->path);
+    if (k->type != T_FLIST) {
+        KFAC_TRY(expect_kind(value, YTREE_SCALAR, k->type, w));
+        return parse_scalar(k->type, value->text, AT(job, k->offset, void), w);
+    }
+    KFAC_TRY(expect_kind(value, YTREE_LIST, k->type, w));
+    list_clear(job, k);
+    for (int j = 0; j < value->n; j++) {
+        const ytree *item = value->kids[j];
+        format_where(w, file, (origin){item->line, item->col}, k->path);
+        KFAC_TRY(expect_kind(item, YTREE_SCALAR, T_FLOAT, w));
+        KFAC_TRY(list_push(job, k, item->text, w));
+    }
+    return KFAC_OK;
+}
+
+/* ---- applying a file and overrides ---- */
+
+/* Section names and keys must be plain strings, not lists or mappings. */
+static kfac_status expect_name(const ytree *key, const char *file)
+{
+    if (key->kind == YTREE_SCALAR) return KFAC_OK;
+    return KFAC_ERR(KFAC_EINVAL, "%s:%d:%d: expected a key name, got %s", file, key->line, key->col,
+                    ytree_kind_name(key->kind));
+}
+
+static kfac_status apply_section(kfac_job *job, const ytree *name, const ytree *body, source *src)
+{
+    char prefix[WHERE_CAP];
+    KFAC_TRY(expect_name(name, src->file));
+    size_t len = strlen(name->text);
+    snprintf(prefix, sizeof prefix, "%s:%d:%d", src->file, name->line, name->col);
+    if (find_key(name->text, len, NULL) < 0) return unknown_name(prefix, name->text, len, NULL);
+    if (ytree_is_null(body)) return KFAC_OK; /* "optimizer:" with every key commented out */
+    if (body->kind != YTREE_MAP)
+        return KFAC_ERR(KFAC_EINVAL, "%s:%d:%d: section '%s' must be a mapping of keys, got %s",
+                        src->file, body->line, body->col, name->text, ytree_kind_name(body->kind));
+
+    for (int j = 0; j < body->n; j++) {
+        const ytree *key = body->kids[2 * j], *value = body->kids[2 * j + 1];
+        KFAC_TRY(expect_name(key, src->file));
+        int i = find_key(name->text, len, key->text);
+        if (i < 0) {
+            snprintf(prefix, sizeof prefix, "%s:%d:%d", src->file, key->line, key->col);
+            return unknown_name(prefix, name->text, len, key->text);
+        }
+        src->at[i] = (origin){value->line, value->col};
+        KFAC_TRY(set_from_node(job, &KEYS[i], value, src->file));
+    }
+    return KFAC_OK;
+}
+
+static kfac_status apply_tree(kfac_job *job, const ytree *root, source *src)
+{
+    if (!root || ytree_is_null(root)) return KFAC_OK; /* empty file: all defaults */
+    if (root->kind != YTREE_MAP) {
+        char known[512];
+        known_names(known, sizeof known, NULL, 0);
+        return KFAC_ERR(KFAC_EINVAL, "%s:%d:%d: expected a mapping of sections (%s), got %s", src->file,
+                        root->line, root->col, known, ytree_kind_name(root->kind));
+    }
+    for (int s = 0; s < root->n; s++)
+        KFAC_TRY(apply_section(job, root->kids[2 * s], root->kids[2 * s + 1], src));
+    return KFAC_OK;
+}
+
+/* Applies one "section.key=value" override. */
+static kfac_status apply_set(kfac_job *job, const char *set, source *src)
+{
+    char path[256], prefix[WHERE_CAP];
+    const char *eq = strchr(set, '=');
+    size_t n = eq ? (size_t)(eq - set) : 0;
+    if (n >= sizeof path) n = sizeof path - 1; /* too long for any key: reported as unknown */
+    memcpy(path, set, n);
+    path[n] = '\0';
+    char *p = trim(path), *dot = strchr(p, '.');
+    if (!eq || !dot) return KFAC_ERR(KFAC_EINVAL, "--set '%s': expected section.key=value", set);
+
+    snprintf(prefix, sizeof prefix, "--set %s", p);
+    int i = find_key(p, (size_t)(dot - p), dot + 1);
+    if (i < 0) return unknown_name(prefix, p, (size_t)(dot - p), dot + 1);
+    src->at[i] = (origin){FROM_SET, 0};
+    return set_from_text(job, &KEYS[i], eq + 1, prefix);
+}
+
+/* ---- validation ---- */
+
+/* "in [0, 1)", ">= 1", "one of a|b", or "" when anything goes. */
+static const char *limits_text(char *buf, size_t cap, const limits *l)
+{
+    if (l->one_of)
+        snprintf(buf, cap, "one of %s", l->one_of);
+    else if (isinf(l->lo) && isinf(l->hi))
+        buf[0] = '\0';
+    else if (isinf(l->hi))
+        snprintf(buf, cap, "%s %g", l->lo_open ? ">" : ">=", l->lo);
+    else
+        snprintf(buf, cap, "in %c%g, %g%c", l->lo_open ? '(' : '[', l->lo, l->hi, l->hi_open ? ')' : ']');
+    return buf;
+}
+
+static kfac_status check_number(double v, const limits *l, const char *where)
+{
+    char range[64];
+    if (!isfinite(v)) return KFAC_ERR(KFAC_EINVAL, "%s: must be a finite number, got %g", where, v);
+    if ((v > l->lo || (v == l->lo && !l->lo_open)) && (v < l->hi || (v == l->hi && !l->hi_open)))
+        return KFAC_OK;
+    return KFAC_ERR(KFAC_EINVAL, "%s: must be %s, got %g", where, limits_text(range, sizeof range, l), v);
+}
+
+static int is_one_of(const char *s, const char *words)
+{
+    size_t n = strlen(s);
+    for (const char *w = words; w; w = strchr(w, '|') ? strchr(w, '|') + 1 : NULL)
+        if (strncmp(w, s, n) == 0 && (w[n] == '|' || w[n] == '\0')) return 1;
+    return 0;
+}
+
+static kfac_status check_string(const char *s, const limits *l, const char *where)
+{
+    if (!s[0]) return KFAC_ERR(KFAC_EINVAL, "%s: must not be empty", where);
+    if (l->one_of && !is_one_of(s, l->one_of))
+        return KFAC_ERR(KFAC_EINVAL, "%s: must be one of %s, got '%s'", where, l->one_of, s);
+    return KFAC_OK;
+}
+
+/* Checks key `i` of `job` against its limits. */
+static kfac_status check_key(const kfac_job *job, int i, const source *src)
+{
+    const key_spec *k = &KEYS[i];
+    char w[WHERE_CAP];
+    key_where(w, src, i);
+    switch (k->type) {
+    case T_STR: return check_string(AT(job, k->offset, const char), &k->check, w);
+    case T_INT: return check_number(*AT(job, k->offset, const int), &k->check, w);
+    case T_FLOAT: return check_number(*AT(job, k->offset, const float), &k->check, w);
+    case T_BOOL:
+    case T_U64: return KFAC_OK;
+    case T_FLIST: {
+        int count = *AT(job, k->count_offset, const int);
+        if (count < 0 || count > KFAC_JOB_MAX_MILESTONES)
+            return KFAC_ERR(KFAC_EINVAL, "%s: item count %d is not in [0, %d]", w, count,
+                            KFAC_JOB_MAX_MILESTONES);
+        for (int j = 0; j < count; j++)
+            KFAC_TRY(check_number(AT(job, k->offset, const float)[j], &k->check, w));
+        return KFAC_OK;
+    }
+    }
+    return KFAC_OK;
+}
+
+/* Constraints between keys, checked after every key passed its own. */
+static kfac_status check_schedule(const kfac_job *job, const source *src)
+{
+    const float *m = job->schedule.milestones;
+    float start = job->schedule.decay_start_epoch, end = job->schedule.decay_end_epoch;
+    char w[WHERE_CAP];
+    for (int j = 1; j < job->schedule.num_milestones; j++)
+        if (!(m[j] > m[j - 1]))
+            return KFAC_ERR(KFAC_EINVAL, "%s: must be increasing, got %g after %g",
+                            key_where(w, src, find_path("schedule.milestones")), m[j], m[j - 1]);
+    /* only explicit epochs: -1 stands for warm-up end / train.epochs, resolved by the schedule */
+    if (start >= 0 && end >= 0 && end <= start)
+        return KFAC_ERR(KFAC_EINVAL, "%s: must be after decay_start_epoch (%g), got %g",
+                        key_where(w, src, find_path("schedule.decay_end_epoch")), start, end);
+    return KFAC_OK;
+}
+
+static kfac_status validate(const kfac_job *job, const source *src)
+{
+    for (int i = 0; i < NKEYS; i++) KFAC_TRY(check_key(job, i, src));
+    return check_schedule(job, src);
+}
+
+/* ---- public API ---- */
+
+void kfac_job_defaults(kfac_job *job)
+{
+    memset(job, 0, sizeof *job);
+    for (int i = 0; i < NKEYS; i++) {
+        kfac_status st = set_from_text(job, &KEYS[i], KEYS[i].def, KEYS[i].path);
+        assert(st == KFAC_OK && "every default in KEYS parses (tests/test_job.c checks)");
+        (void)st;
+    }
+}
+
+kfac_status kfac_job_load(kfac_job *job, const char *path, int nset, const char *const *sets)
+{
+    kfac_job loaded; /* `job` is written only on success */
+    source src = {.file = path};
+    kfac_job_defaults(&loaded);
+    if (path) {
+        ytree *root;
+        KFAC_TRY(ytree_load(path, &root));
+        kfac_status st = apply_tree(&loaded, root, &src);
+        ytree_free(root);
+        KFAC_TRY(st);
+    }
+    for (int i = 0; i < nset; i++) KFAC_TRY(apply_set(&loaded, sets[i], &src));
+    /* validated last, so a --set can repair a bad file value */
+    KFAC_TRY(validate(&loaded, &src));
+    *job = loaded;
+    return KFAC_OK;
+}
+
+kfac_status kfac_job_validate(const kfac_job *job) { return validate(job, NULL); }
+
+/* The shortest %g text that reads back (strtof) as the same float, so
+ * 0.1f prints as "0.1" rather than "0.100000001". */
+static void add_float(strbuf *sb, float v)
+{
+    char buf[32];
+    for (int digits = 6; digits <= 9; digits++) {
+        snprintf(buf, sizeof buf, "%.*g", digits, v);
+        if (strtof(buf, NULL) == v) break;
+    }
+    sb_add(sb, "%s", buf);
+}
+
+/* Double-quoted so that any string (':', '#', leading spaces) round-trips. */
+static void add_quoted(strbuf *sb, const char *s)
+{
+    sb_add(sb, "\"");
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\')
+            sb_add(sb, "\\%c", c);
+        else if (c < 0x20 || c == 0x7f)
+            sb_add(sb, "\\x%02x", c);
+        else
+            sb_add(sb, "%c", c);
+    }
+    sb_add(sb, "\"");
+}
+
+/* Key `k`'s value in `job` as YAML. */
+static void add_value(strbuf *sb, const kfac_job *job, const key_spec *k)
+{
+    switch (k->type) {
+    case T_STR: add_quoted(sb, AT(job, k->offset, const char)); break;
+    case T_INT: sb_add(sb, "%d", *AT(job, k->offset, const int)); break;
+    case T_BOOL: sb_add(sb, "%s", *AT(job, k->offset, const int) ? "true" : "false"); break;
+    case T_FLOAT: add_float(sb, *AT(job, k->offset, const float)); break;
+    case T_U64: sb_add(sb, "%" PRIu64, *AT(job, k->offset, const uint64_t)); break;
+    case T_FLIST:
+        sb_add(sb, "[");
+        for (int j = 0; j < *AT(job, k->count_offset, const int); j++) {
+            sb_add(sb, "%s", j ? ", " : "");
+            add_float(sb, AT(job, k->offset, const float)[j]);
+        }
+        sb_add(sb, "]");
+        break;
+    }
+}
+
+kfac_status kfac_job_write_yaml(const kfac_job *job, const char *path)
+{
+    FILE *f = fopen(path, "w");
+    if (!f) return KFAC_ERR(KFAC_EIO, "%s: cannot open for writing: %s", path, strerror(errno));
+    fprintf(f, "# kfac job, resolved: built-in defaults < job file < --set\n");
+    for (int i = 0; i < NKEYS; i++) {
+        char value[4 * KFAC_JOB_STR + 16]; /* the longest string, every byte escaped */
+        strbuf sb = sb_init(value, sizeof value);
+        add_value(&sb, job, &KEYS[i]);
+        if (starts_section(i))
+            fprintf(f, "%s%.*s:\n", i ? "\n" : "", (int)section_len(KEYS[i].path), KEYS[i].path);
+        fprintf(f, "  %s: %s\n", key_name(KEYS[i].path), value);
+    }
+    int failed = ferror(f);
+    failed |= fclose(f) != 0;
+    if (failed) return KFAC_ERR(KFAC_EIO, "%s: write failed: %s", path, strerror(errno));
+    return KFAC_OK;
+}
+
+int kfac_job_describe(char *out, int cap)
+{
+    strbuf sb = sb_init(out, cap > 0 ? (size_t)cap : 0);
+    for (int i = 0; i < NKEYS; i++) {
+        const key_spec *k = &KEYS[i];
+        char range[128];
+        limits_text(range, sizeof range, &k->check);
+        sb_add(&sb, "%s%s (%s, default %s%s%s)\n    %s\n", i && starts_section(i) ? "\n" : "", k->path,
+               TYPES[k->type].name, k->def, range[0] ? ", " : "", range, k->help);
+    }
+    return (int)sb.len;
+}

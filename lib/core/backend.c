@@ -1,0 +1,42 @@
+/* backend.c - backend registry: the one place that knows which backends
+ * this build has. */
+#include <string.h>
+
+#include "kfac/kfac_backend.h"
+
+void kfac_conv_desc_init(kfac_conv_desc *d, int n, int h, int w, int c, int k, int kh, int kw,
+                         int stride, int pad)
+{
+    d->n = n; d->h = h; d->w = w; d->c = c;
+    d->k = k; d->kh = kh; d->kw = kw;
+    d->stride = stride; d->pad = pad;
+    d->ho = (h + 2 * pad - kh) / stride + 1;
+    d->wo = (w + 2 * pad - kw) / stride + 1;
+}
+
+void kfac_pool_desc_init(kfac_pool_desc *d, int n, int h, int w, int c, int k, int stride, int pad)
+{
+    d->n = n; d->h = h; d->w = w; d->c = c;
+    d->kh = k; d->kw = k; d->stride = stride; d->pad = pad;
+    d->ho = (h + 2 * pad - k) / stride + 1;
+    d->wo = (w + 2 * pad - k) / stride + 1;
+}
+
+kfac_status kfac_backend_get(const char *name, int threads, kfac_backend **out)
+{
+    *out = NULL;
+    if (strcmp(name, "cpu") == 0) return kfac_backend_cpu_init(threads, out);
+    if (strcmp(name, "cuda") == 0) {
+#ifdef KFAC_HAVE_CUDA
+        return kfac_backend_cuda_init(0, out);
+#else
+        return KFAC_ERR(KFAC_ENOTSUP, "backend 'cuda': this build has no CUDA (configure with -DKFAC_CUDA=ON)");
+#endif
+    }
+    return KFAC_ERR(KFAC_EINVAL, "unknown backend '%s' (known: cpu, cuda)", name);
+}
+
+void kfac_backend_free(kfac_backend *be)
+{
+    if (be) be->destroy(be);
+}

@@ -1,0 +1,544 @@
+/* model.c - the model graph: building, memory planning, forward, backward.
+ *
+ * A model is a list of nodes in execution order over a table of values
+ * (tensors).  Each value has an activation buffer and a gradient buffer in
+ * one arena; parameters, their gradients and BN running statistics live in
+ * a second single allocation.  Backward walks the nodes in reverse; a value
+ * read by two nodes (a residual block's input) has its gradient written by
+ * the first and accumulated into by the second. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kfac/kfac_model.h"
+#include "kfac/kfac_rng.h"
+
+/* Eval-mode forward runs all layers on groups of images whose largest
+ * activation fits in this many bytes, so they stay in cache. */
+#define EVAL_CHUNK_BYTES (256 * 1024)
+#define BN_MOMENTUM 0.1f
+#define BN_EPS 1e-5f
+
+typedef struct value {
+    int h, w, c;         /* per-image shape */
+    float *data, *grad;  /* max_batch images each */
+    int grad_written;    /* during backward: has a consumer written grad yet */
+} value;
+
+typedef struct node {
+    kfac_node_kind kind;
+    char name[64];
+    int in[2], out;
+    int param[2];        /* conv/fc: weight, bias; bn: gamma, beta (-1: none) */
+    int relu;            /* bn/add: fused ReLU */
+    kfac_conv_desc conv; /* conv/fc geometry at max_batch */
+    kfac_pool_desc pool;
+    size_t stats_offset; /* bn: running mean at +0, var at +c in buffers */
+    float *save_mean, *save_invstd;
+    int zero_gamma;
+} node;
+
+struct kfac_model {
+    kfac_backend *be;
+    int max_batch;
+    value *values;
+    node *nodes;
+    kfac_param *params;
+    int num_values, num_nodes, num_params;
+    size_t param_count, buffer_count;
+    float *params_data, *grads_data, *buffers_data; /* one allocation */
+    void *arena;
+    size_t arena_bytes;
+    void *workspace;
+    size_t workspace_bytes;
+    kfac_status build_status; /* first failure while building */
+    int finalized;
+    double macs;
+};
+
+static size_t value_floats(const value *v) { return (size_t)v->h * v->w * v->c; }
+
+/* ---- building ---- */
+
+static int fail(kfac_model *m, kfac_status st)
+{
+    if (m->build_status == KFAC_OK) m->build_status = st;
+    return -1;
+}
+
+static int add_value(kfac_model *m, int h, int w, int c)
+{
+    value *grown = realloc(m->values, (size_t)(m->num_values + 1) * sizeof *grown);
+    if (!grown) return fail(m, KFAC_ERR(KFAC_ENOMEM, "model: out of memory"));
+    m->values = grown;
+    m->values[m->num_values] = (value){.h = h, .w = w, .c = c};
+    return m->num_values++;
+}
+
+static int add_param(kfac_model *m, const char *node_name, const char *suffix,
+                     kfac_param_kind kind, size_t count)
+{
+    kfac_param *grown = realloc(m->params, (size_t)(m->num_params + 1) * sizeof *grown);
+    if (!grown) return fail(m, KFAC_ERR(KFAC_ENOMEM, "model: out of memory"));
+    m->params = grown;
+    kfac_param *p = &m->params[m->num_params];
+    snprintf(p->name, sizeof p->name, "%s.%s", node_name, suffix);
+    p->kind = kind;
+    p->offset = m->param_count;
+    p->count = count;
+    m->param_count += count;
+    return m->num_params++;
+}
+
+/* Appends a node reading a (and b) and producing a new value of the given
+ * shape; returns the node or NULL after recording a failure. */
+static node *add_node(kfac_model *m, kfac_node_kind kind, const char *name, int a, int b, int h,
+                      int w, int c)
+{
+    if (m->build_status != KFAC_OK) return NULL;
+    if (m->finalized) {
+        fail(m, KFAC_ERR(KFAC_EINVAL, "model: layer added after finalize"));
+        return NULL;
+    }
+    if (a < 0 || a >= m->num_values || b >= m->num_values) {
+        fail(m, KFAC_ERR(KFAC_EINVAL, "model: layer '%s' reads an unknown value", name));
+        return NULL;
+    }
+    if (h < 1 || w < 1 || c < 1) {
+        fail(m, KFAC_ERR(KFAC_EINVAL, "model: layer '%s' would output %dx%dx%d", name, h, w, c));
+        return NULL;
+    }
+    int out = add_value(m, h, w, c);
+    if (out < 0) return NULL;
+    node *grown = realloc(m->nodes, (size_t)(m->num_nodes + 1) * sizeof *grown);
+    if (!grown) {
+        fail(m, KFAC_ERR(KFAC_ENOMEM, "model: out of memory"));
+        return NULL;
+    }
+    m->nodes = grown;
+    node *nd = &m->nodes[m->num_nodes++];
+    memset(nd, 0, sizeof *nd);
+    nd->kind = kind;
+    snprintf(nd->name, sizeof nd->name, "%s", name);
+    nd->in[0] = a;
+    nd->in[1] = b;
+    nd->out = out;
+    nd->param[0] = nd->param[1] = -1;
+    return nd;
+}
+
+kfac_status kfac_model_init(kfac_model **out, kfac_backend *be, int max_batch, int h, int w,
+                            int c)
+{
+    *out = NULL;
+    if (max_batch < 1 || h < 1 || w < 1 || c < 1)
+        return KFAC_ERR(KFAC_EINVAL, "model: bad input batch %d x %dx%dx%d", max_batch, h, w, c);
+    kfac_model *m = calloc(1, sizeof *m);
+    if (!m) return KFAC_ERR(KFAC_ENOMEM, "model: out of memory");
+    m->be = be;
+    m->max_batch = max_batch;
+    if (add_value(m, h, w, c) != 0) {
+        free(m);
+        return KFAC_ERR(KFAC_ENOMEM, "model: out of memory");
+    }
+    *out = m;
+    return KFAC_OK;
+}
+
+int kfac_model_conv(kfac_model *m, int x, int out_channels, int ksize, int stride, int pad,
+                    const char *name)
+{
+    if (x < 0 || x >= m->num_values) return fail(m, KFAC_ERR(KFAC_EINVAL, "conv '%s': bad input", name));
+    const value in = m->values[x]; /* a copy: add_node may move the table */
+    kfac_conv_desc d;
+    kfac_conv_desc_init(&d, m->max_batch, in.h, in.w, in.c, out_channels, ksize, ksize, stride,
+                        pad);
+    node *nd = add_node(m, KFAC_NODE_CONV, name, x, -1, d.ho, d.wo, out_channels);
+    if (!nd) return -1;
+    nd->conv = d;
+    nd->param[0] = add_param(m, name, "weight", KFAC_PARAM_WEIGHT,
+                             (size_t)out_channels * ksize * ksize * in.c);
+    m->macs += (double)d.ho * d.wo * out_channels * ksize * ksize * in.c;
+    return nd->out;
+}
+
+int kfac_model_fc(kfac_model *m, int x, int out_features, const char *name)
+{
+    if (x < 0 || x >= m->num_values) return fail(m, KFAC_ERR(KFAC_EINVAL, "fc '%s': bad input", name));
+    const value in = m->values[x]; /* a copy: add_node may move the table */
+    if (in.h != 1 || in.w != 1)
+        return fail(m, KFAC_ERR(KFAC_EINVAL, "fc '%s': input is %dx%dx%d, expected 1x1xC (pool first)",
+                                name, in.h, in.w, in.c));
+    int c = in.c;
+    node *nd = add_node(m, KFAC_NODE_FC, name, x, -1, 1, 1, out_features);
+    if (!nd) return -1;
+    kfac_conv_desc_init(&nd->conv, m->max_batch, 1, 1, c, out_features, 1, 1, 1, 0);
+    nd->param[0] = add_param(m, name, "weight", KFAC_PARAM_WEIGHT, (size_t)out_features * c);
+    nd->param[1] = add_param(m, name, "bias", KFAC_PARAM_BIAS, (size_t)out_features);
+    m->macs += (double)out_features * c;
+    return nd->out;
+}
+
+int kfac_model_bn(kfac_model *m, int x, int relu, const char *name)
+{
+    if (x < 0 || x >= m->num_values) return fail(m, KFAC_ERR(KFAC_EINVAL, "bn '%s': bad input", name));
+    const value in = m->values[x]; /* a copy: add_node may move the table */
+    node *nd = add_node(m, KFAC_NODE_BN, name, x, -1, in.h, in.w, in.c);
+    if (!nd) return -1;
+    int c = m->values[x].c;
+    nd->relu = relu;
+    nd->param[0] = add_param(m, name, "weight", KFAC_PARAM_BN, (size_t)c);
+    nd->param[1] = add_param(m, name, "bias", KFAC_PARAM_BN, (size_t)c);
+    nd->stats_offset = m->buffer_count;
+    m->buffer_count += 2 * (size_t)c;
+    return nd->out;
+}
+
+int kfac_model_relu(kfac_model *m, int x)
+{
+    if (x < 0 || x >= m->num_values) return fail(m, KFAC_ERR(KFAC_EINVAL, "relu: bad input"));
+    const value in = m->values[x]; /* a copy: add_node may move the table */
+    node *nd = add_node(m, KFAC_NODE_RELU, "relu", x, -1, in.h, in.w, in.c);
+    return nd ? nd->out : -1;
+}
+
+int kfac_model_maxpool(kfac_model *m, int x, int ksize, int stride, int pad)
+{
+    if (x < 0 || x >= m->num_values) return fail(m, KFAC_ERR(KFAC_EINVAL, "maxpool: bad input"));
+    const value in = m->values[x]; /* a copy: add_node may move the table */
+    kfac_pool_desc d;
+    kfac_pool_desc_init(&d, m->max_batch, in.h, in.w, in.c, ksize, stride, pad);
+    if (pad >= ksize) return fail(m, KFAC_ERR(KFAC_EINVAL, "maxpool: padding %d >= kernel %d", pad, ksize));
+    node *nd = add_node(m, KFAC_NODE_MAXPOOL, "maxpool", x, -1, d.ho, d.wo, in.c);
+    if (!nd) return -1;
+    nd->pool = d;
+    return nd->out;
+}
+
+int kfac_model_gap(kfac_model *m, int x)
+{
+    if (x < 0 || x >= m->num_values) return fail(m, KFAC_ERR(KFAC_EINVAL, "gap: bad input"));
+    node *nd = add_node(m, KFAC_NODE_GAP, "gap", x, -1, 1, 1, m->values[x].c);
+    return nd ? nd->out : -1;
+}
+
+int kfac_model_add(kfac_model *m, int a, int b, int relu)
+{
+    if (a < 0 || b < 0 || a >= m->num_values || b >= m->num_values)
+        return fail(m, KFAC_ERR(KFAC_EINVAL, "add: bad input"));
+    const value *va = &m->values[a], *vb = &m->values[b];
+    if (va->h != vb->h || va->w != vb->w || va->c != vb->c)
+        return fail(m, KFAC_ERR(KFAC_EINVAL, "add: shapes %dx%dx%d and %dx%dx%d differ", va->h,
+                                va->w, va->c, vb->h, vb->w, vb->c));
+    node *nd = add_node(m, KFAC_NODE_ADD, "add", a, b, va->h, va->w, va->c);
+    if (!nd) return -1;
+    nd->relu = relu;
+    return nd->out;
+}
+
+kfac_status kfac_model_zero_init_gamma(kfac_model *m, int bn_out)
+{
+    for (int i = 0; i < m->num_nodes; i++)
+        if (m->nodes[i].out == bn_out && m->nodes[i].kind == KFAC_NODE_BN) {
+            m->nodes[i].zero_gamma = 1;
+            return KFAC_OK;
+        }
+    return KFAC_ERR(KFAC_EINVAL, "model: value %d is not the output of a batch norm", bn_out);
+}
+
+/* ---- finalize: memory plan and initialisation ---- */
+
+/* Initialises parameters and BN statistics into host arrays `params` and
+ * `buffers` (the backend's memory may be a device's). */
+static void init_params(const kfac_model *m, uint64_t seed, float *params, float *buffers)
+{
+    kfac_rng rng;
+    kfac_rng_seed(&rng, seed);
+    for (int i = 0; i < m->num_nodes; i++) {
+        const node *nd = &m->nodes[i];
+        if (nd->param[0] < 0) continue;
+        const kfac_param *w = &m->params[nd->param[0]];
+        float *pw = params + w->offset;
+        if (nd->kind == KFAC_NODE_CONV) {
+            /* Kaiming normal, fan_out mode: std = sqrt(2 / (k*kh*kw)). */
+            double sd = sqrt(2.0 / ((double)nd->conv.k * nd->conv.kh * nd->conv.kw));
+            for (size_t j = 0; j < w->count; j++) pw[j] = (float)(sd * kfac_rng_normal(&rng));
+        } else if (nd->kind == KFAC_NODE_FC) {
+            double bound = 1.0 / sqrt((double)nd->conv.c);
+            const kfac_param *b = &m->params[nd->param[1]];
+            for (size_t j = 0; j < w->count; j++)
+                pw[j] = (float)(bound * (2.0 * kfac_rng_uniform(&rng) - 1.0));
+            for (size_t j = 0; j < b->count; j++)
+                params[b->offset + j] = (float)(bound * (2.0 * kfac_rng_uniform(&rng) - 1.0));
+        } else if (nd->kind == KFAC_NODE_BN) {
+            const kfac_param *b = &m->params[nd->param[1]];
+            for (size_t j = 0; j < w->count; j++) pw[j] = nd->zero_gamma ? 0.0f : 1.0f;
+            for (size_t j = 0; j < b->count; j++) params[b->offset + j] = 0.0f;
+            float *stats = buffers + nd->stats_offset;
+            for (size_t j = 0; j < w->count; j++) {
+                stats[j] = 0.0f;            /* running mean */
+                stats[w->count + j] = 1.0f; /* running var */
+            }
+        }
+    }
+}
+
+/* Places every activation, gradient and BN save buffer in the arena. */
+static size_t plan_arena(kfac_model *m, char *base)
+{
+    size_t off = 0;
+#define CARVE(ptr, floats)                                      \
+    do {                                                        \
+        (ptr) = base ? (float *)(base + off) : NULL;            \
+        off += ((floats) * sizeof(float) + 63) / 64 * 64;       \
+    } while (0)
+    for (int i = 0; i < m->num_values; i++) {
+        value *v = &m->values[i];
+        size_t n = (size_t)m->max_batch * value_floats(v);
+        CARVE(v->data, n);
+        if (i > 0) CARVE(v->grad, n); /* the input needs no gradient */
+    }
+    for (int i = 0; i < m->num_nodes; i++) {
+        node *nd = &m->nodes[i];
+        if (nd->kind != KFAC_NODE_BN) continue;
+        CARVE(nd->save_mean, (size_t)m->values[nd->out].c);
+        CARVE(nd->save_invstd, (size_t)m->values[nd->out].c);
+    }
+#undef CARVE
+    return off;
+}
+
+kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed)
+{
+    if (m->build_status != KFAC_OK) return m->build_status;
+    if (m->finalized) return KFAC_ERR(KFAC_EINVAL, "model: finalized twice");
+    if (m->num_nodes == 0) return KFAC_ERR(KFAC_EINVAL, "model: no layers");
+    kfac_backend *be = m->be;
+    m->arena_bytes = plan_arena(m, NULL);
+    for (int i = 0; i < m->num_nodes; i++) {
+        const node *nd = &m->nodes[i];
+        if (nd->kind == KFAC_NODE_CONV || nd->kind == KFAC_NODE_FC) {
+            size_t ws = be->conv_workspace(be, &nd->conv);
+            if (ws > m->workspace_bytes) m->workspace_bytes = ws;
+        }
+    }
+    size_t flat = 2 * m->param_count + m->buffer_count;
+    void *flat_mem = NULL;
+    KFAC_TRY(be->alloc(be, m->arena_bytes, &m->arena));
+    KFAC_TRY(be->alloc(be, m->workspace_bytes ? m->workspace_bytes : 64, &m->workspace));
+    KFAC_TRY(be->alloc(be, flat * sizeof(float), &flat_mem));
+    plan_arena(m, m->arena);
+    m->params_data = flat_mem;
+    m->grads_data = m->params_data + m->param_count;
+    m->buffers_data = m->grads_data + m->param_count;
+    /* Parameters, zero gradients and statistics are made on the host in
+     * the flat layout, then uploaded in one copy. */
+    float *host = calloc(flat ? flat : 1, sizeof(float));
+    if (!host) return KFAC_ERR(KFAC_ENOMEM, "model: cannot allocate %zu parameters", flat);
+    init_params(m, seed, host, host + 2 * m->param_count);
+    kfac_status st = be->upload(be, flat_mem, host, flat * sizeof(float));
+    free(host);
+    KFAC_TRY(st);
+    m->finalized = 1;
+    return KFAC_OK;
+}
+
+void kfac_model_free(kfac_model *m)
+{
+    if (!m) return;
+    if (m->be) {
+        if (m->arena) m->be->release(m->be, m->arena);
+        if (m->workspace) m->be->release(m->be, m->workspace);
+        if (m->params_data) m->be->release(m->be, m->params_data);
+    }
+    free(m->values);
+    free(m->nodes);
+    free(m->params);
+    free(m);
+}
+
+/* ---- execution ---- */
+
+static const float *param_ptr(const kfac_model *m, int p)
+{
+    return p < 0 ? NULL : m->params_data + m->params[p].offset;
+}
+
+static float *grad_ptr(const kfac_model *m, int p)
+{
+    return p < 0 ? NULL : m->grads_data + m->params[p].offset;
+}
+
+/* Activation of value v starting at image n0. */
+static float *act(const kfac_model *m, int v, int n0)
+{
+    return m->values[v].data + (size_t)n0 * value_floats(&m->values[v]);
+}
+
+static kfac_status node_forward(kfac_model *m, node *nd, int n0, int n, kfac_mode mode)
+{
+    kfac_backend *be = m->be;
+    const value *vin = &m->values[nd->in[0]], *vout = &m->values[nd->out];
+    const float *x = act(m, nd->in[0], n0);
+    float *y = act(m, nd->out, n0);
+    size_t rows = (size_t)n * vin->h * vin->w;
+    switch (nd->kind) {
+    case KFAC_NODE_CONV:
+    case KFAC_NODE_FC: {
+        kfac_conv_desc d = nd->conv;
+        d.n = n;
+        return be->conv_forward(be, &d, x, param_ptr(m, nd->param[0]), param_ptr(m, nd->param[1]),
+                                y, m->workspace);
+    }
+    case KFAC_NODE_BN: {
+        float *stats = m->buffers_data + nd->stats_offset;
+        const float *gamma = param_ptr(m, nd->param[0]), *beta = param_ptr(m, nd->param[1]);
+        if (mode == KFAC_MODE_TRAIN)
+            return be->bn_forward_train(be, rows, vin->c, x, gamma, beta, y, nd->save_mean,
+                                        nd->save_invstd, stats, stats + vin->c, BN_MOMENTUM,
+                                        BN_EPS, nd->relu);
+        return be->bn_forward_eval(be, rows, vin->c, x, gamma, beta, y, stats, stats + vin->c,
+                                   BN_EPS, nd->relu);
+    }
+    case KFAC_NODE_RELU:
+        return be->relu_forward(be, rows * vin->c, x, y);
+    case KFAC_NODE_MAXPOOL: {
+        kfac_pool_desc d = nd->pool;
+        d.n = n;
+        return be->maxpool_forward(be, &d, x, y);
+    }
+    case KFAC_NODE_GAP:
+        return be->gap_forward(be, n, vin->h * vin->w, vin->c, x, y);
+    case KFAC_NODE_ADD:
+        return be->add_forward(be, (size_t)n * value_floats(vout), x, act(m, nd->in[1], n0), y,
+                               nd->relu);
+    }
+    return KFAC_ERR(KFAC_EINVAL, "model: unknown node kind %d", (int)nd->kind);
+}
+
+static kfac_status forward_range(kfac_model *m, int n0, int n, kfac_mode mode)
+{
+    for (int i = 0; i < m->num_nodes; i++) KFAC_TRY(node_forward(m, &m->nodes[i], n0, n, mode));
+    return KFAC_OK;
+}
+
+/* Images per eval chunk: the largest per-image activation times the chunk
+ * stays within EVAL_CHUNK_BYTES, but chunks are at least 4 images. */
+static int eval_chunk(const kfac_model *m)
+{
+    size_t largest = 1;
+    for (int i = 0; i < m->num_values; i++)
+        if (value_floats(&m->values[i]) > largest) largest = value_floats(&m->values[i]);
+    size_t chunk = EVAL_CHUNK_BYTES / (largest * sizeof(float));
+    if (chunk < 4) chunk = 4;
+    return (int)chunk;
+}
+
+kfac_status kfac_model_forward(kfac_model *m, int n, kfac_mode mode)
+{
+    if (!m->finalized) return KFAC_ERR(KFAC_EINVAL, "model: forward before finalize");
+    if (n < 1 || n > m->max_batch)
+        return KFAC_ERR(KFAC_EINVAL, "model: batch %d outside [1, %d]", n, m->max_batch);
+    if (mode == KFAC_MODE_TRAIN) return forward_range(m, 0, n, mode);
+    /* Each chunk must keep every thread busy, so scale it with threads. */
+    int chunk = eval_chunk(m) * m->be->threads;
+    for (int n0 = 0; n0 < n; n0 += chunk)
+        KFAC_TRY(forward_range(m, n0, n - n0 < chunk ? n - n0 : chunk, mode));
+    return KFAC_OK;
+}
+
+kfac_status kfac_model_loss(kfac_model *m, int n, const int32_t *labels, float smoothing,
+                            double *loss_sum, int *correct)
+{
+    value *logits = &m->values[m->num_values - 1];
+    if (logits->h != 1 || logits->w != 1)
+        return KFAC_ERR(KFAC_EINVAL, "model: last layer is not a classifier (%dx%dx%d)", logits->h,
+                        logits->w, logits->c);
+    KFAC_TRY(m->be->softmax_xent(m->be, n, logits->c, logits->data, labels, smoothing,
+                                 logits->grad, loss_sum, correct));
+    return KFAC_OK;
+}
+
+static kfac_status node_backward(kfac_model *m, node *nd, int n)
+{
+    kfac_backend *be = m->be;
+    value *vin = &m->values[nd->in[0]], *vout = &m->values[nd->out];
+    const float *dy = vout->grad;
+    float *dx = nd->in[0] == 0 ? NULL : vin->grad; /* the input needs no gradient */
+    int acc = vin->grad_written;
+    size_t rows = (size_t)n * vin->h * vin->w;
+    kfac_status st = KFAC_OK;
+    switch (nd->kind) {
+    case KFAC_NODE_CONV:
+    case KFAC_NODE_FC: {
+        kfac_conv_desc d = nd->conv;
+        d.n = n;
+        st = be->conv_backward(be, &d, vin->data, param_ptr(m, nd->param[0]), dy, dx, acc,
+                               grad_ptr(m, nd->param[0]), grad_ptr(m, nd->param[1]), m->workspace);
+        break;
+    }
+    case KFAC_NODE_BN:
+        if (!dx) return KFAC_ERR(KFAC_ENOTSUP, "model: batch norm directly on the input");
+        st = be->bn_backward(be, rows, vin->c, vin->data, vout->data, dy, param_ptr(m, nd->param[0]),
+                             nd->save_mean, nd->save_invstd, dx, acc, grad_ptr(m, nd->param[0]),
+                             grad_ptr(m, nd->param[1]), nd->relu);
+        break;
+    case KFAC_NODE_RELU:
+        if (dx) st = be->relu_backward(be, rows * vin->c, vout->data, dy, dx, acc);
+        break;
+    case KFAC_NODE_MAXPOOL: {
+        kfac_pool_desc d = nd->pool;
+        d.n = n;
+        if (dx) st = be->maxpool_backward(be, &d, vin->data, vout->data, dy, dx, acc);
+        break;
+    }
+    case KFAC_NODE_GAP:
+        if (dx) st = be->gap_backward(be, n, vin->h * vin->w, vin->c, dy, dx, acc);
+        break;
+    case KFAC_NODE_ADD: {
+        value *vb = &m->values[nd->in[1]];
+        if (!dx || nd->in[1] == 0)
+            return KFAC_ERR(KFAC_ENOTSUP, "model: residual add directly on the input");
+        st = be->add_backward(be, (size_t)n * value_floats(vout), vout->data, dy, dx, acc,
+                              vb->grad, vb->grad_written, nd->relu);
+        vb->grad_written = 1;
+        break;
+    }
+    }
+    if (dx) vin->grad_written = 1;
+    return st;
+}
+
+kfac_status kfac_model_backward(kfac_model *m, int n)
+{
+    if (n < 1 || n > m->max_batch)
+        return KFAC_ERR(KFAC_EINVAL, "model: batch %d outside [1, %d]", n, m->max_batch);
+    for (int i = 0; i < m->num_values; i++) m->values[i].grad_written = 0;
+    m->values[m->num_values - 1].grad_written = 1; /* written by kfac_model_loss */
+    for (int i = m->num_nodes - 1; i >= 0; i--) KFAC_TRY(node_backward(m, &m->nodes[i], n));
+    return KFAC_OK;
+}
+
+/* ---- accessors ---- */
+
+float *kfac_model_input(kfac_model *m) { return m->values[0].data; }
+const float *kfac_model_logits(const kfac_model *m) { return m->values[m->num_values - 1].data; }
+int kfac_model_classes(const kfac_model *m) { return m->values[m->num_values - 1].c; }
+int kfac_model_max_batch(const kfac_model *m) { return m->max_batch; }
+void kfac_model_input_shape(const kfac_model *m, int *h, int *w, int *c)
+{
+    *h = m->values[0].h;
+    *w = m->values[0].w;
+    *c = m->values[0].c;
+}
+float *kfac_model_params(kfac_model *m) { return m->params_data; }
+float *kfac_model_grads(kfac_model *m) { return m->grads_data; }
+size_t kfac_model_param_count(const kfac_model *m) { return m->param_count; }
+int kfac_model_num_param_tensors(const kfac_model *m) { return m->num_params; }
+const kfac_param *kfac_model_param_tensor(const kfac_model *m, int i) { return &m->params[i]; }
+float *kfac_model_buffers(kfac_model *m) { return m->buffers_data; }
+size_t kfac_model_buffer_count(const kfac_model *m) { return m->buffer_count; }
+double kfac_model_macs_per_image(const kfac_model *m) { return m->macs; }
+size_t kfac_model_arena_bytes(const kfac_model *m) { return m->arena_bytes + m->workspace_bytes; }
+kfac_backend *kfac_model_backend(kfac_model *m) { return m->be; }

@@ -1,0 +1,270 @@
+/* train.c - the single-process training loop: one place that sequences
+ * data, forward, loss, backward, optimizer and schedule, then evaluates and
+ * records metrics once per epoch. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "kfac/kfac_dataset.h"
+#include "kfac/kfac_optim.h"
+#include "kfac/kfac_resnet.h"
+#include "kfac/kfac_train.h"
+
+typedef struct trainer {
+    const kfac_job *job;
+    kfac_backend *be;
+    kfac_dataset *train_set, *test_set;
+    kfac_batcher *train_batches, *test_batches;
+    kfac_model *model;
+    kfac_sgd *sgd;
+    kfac_lr_schedule schedule;
+    int32_t *labels;
+    float *host_images; /* batch staging when the backend is not the host */
+    FILE *metrics;
+} trainer;
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static kfac_status make_dirs(const char *path)
+{
+    char buf[KFAC_JOB_STR];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *p = buf + 1;; p++) {
+        if (*p != '/' && *p != '\0') continue;
+        char saved = *p;
+        *p = '\0';
+        if (mkdir(buf, 0775) != 0 && errno != EEXIST)
+            return KFAC_ERR(KFAC_EIO, "%s: cannot create directory: %s", buf, strerror(errno));
+        *p = saved;
+        if (saved == '\0') return KFAC_OK;
+    }
+}
+
+static kfac_status schedule_from_job(const kfac_job *job, kfac_lr_schedule *s)
+{
+    memset(s, 0, sizeof *s);
+    KFAC_TRY(kfac_lr_decay_parse(job->schedule.decay, &s->decay));
+    s->peak = job->schedule.lr;
+    s->warmup_start = job->schedule.warmup_start_lr;
+    s->final = job->schedule.final_lr;
+    s->warmup_epochs = job->schedule.warmup_epochs;
+    s->decay_start = job->schedule.decay_start_epoch >= 0 ? job->schedule.decay_start_epoch
+                                                          : job->schedule.warmup_epochs;
+    s->decay_end = job->schedule.decay_end_epoch >= 0 ? job->schedule.decay_end_epoch
+                                                      : job->train.epochs;
+    s->power = job->schedule.poly_power;
+    s->gamma = job->schedule.gamma;
+    s->num_milestones = job->schedule.num_milestones;
+    for (int i = 0; i < s->num_milestones; i++) s->milestones[i] = job->schedule.milestones[i];
+    return KFAC_OK;
+}
+
+static kfac_status open_data(trainer *t)
+{
+    const kfac_job *job = t->job;
+    if (strcmp(job->data.format, "idx") != 0)
+        return KFAC_ERR(KFAC_ENOTSUP, "data.format '%s' is not supported yet (known: idx)",
+                        job->data.format);
+    KFAC_TRY(kfac_dataset_open_idx(job->data.path, KFAC_SPLIT_TRAIN, &t->train_set));
+    KFAC_TRY(kfac_dataset_open_idx(job->data.path, KFAC_SPLIT_TEST, &t->test_set));
+    kfac_batcher_config cfg = {
+        .batch_size = job->train.batch_size,
+        .augment = job->data.augment ? KFAC_AUGMENT_PAD_CROP_FLIP : KFAC_AUGMENT_NONE,
+        .pad = job->data.pad,
+        .seed = job->train.seed,
+        .shuffle = 1,
+        .drop_last = 1, /* equal-sized steps: BN statistics and the schedule stay clean */
+        .threads = t->be->threads,
+    };
+    for (int c = 0; c < 4; c++) {
+        cfg.mean[c] = job->data.mean;
+        cfg.std[c] = job->data.std;
+    }
+    KFAC_TRY(kfac_batcher_init(&t->train_batches, t->train_set, &cfg));
+    cfg.batch_size = job->train.eval_batch_size;
+    cfg.augment = KFAC_AUGMENT_NONE;
+    cfg.shuffle = 0;
+    cfg.drop_last = 0;
+    return kfac_batcher_init(&t->test_batches, t->test_set, &cfg);
+}
+
+static kfac_status build_model(trainer *t)
+{
+    const kfac_job *job = t->job;
+    int max_batch = job->train.batch_size > job->train.eval_batch_size ? job->train.batch_size
+                                                                       : job->train.eval_batch_size;
+    kfac_resnet_options opt = {
+        .zero_init_residual = job->model.zero_init_residual,
+        .num_classes = t->train_set->num_classes,
+        .image_size = t->train_set->height,
+        .in_channels = t->train_set->channels,
+    };
+    if (t->train_set->height != t->train_set->width)
+        return KFAC_ERR(KFAC_ENOTSUP, "non-square images (%dx%d)", t->train_set->height,
+                        t->train_set->width);
+    KFAC_TRY(kfac_resnet_build(job->model.name, &opt, t->be, max_batch, job->train.seed,
+                               &t->model));
+    kfac_sgd_config sgd = {
+        .momentum = job->optimizer.momentum,
+        .nesterov = job->optimizer.nesterov,
+        .weight_decay = job->optimizer.weight_decay,
+        .decay_bn_and_bias = job->optimizer.decay_bn_and_bias,
+    };
+    KFAC_TRY(kfac_sgd_init(&t->sgd, t->model, &sgd));
+    t->labels = malloc((size_t)max_batch * sizeof(int32_t));
+    size_t image = (size_t)t->train_set->height * t->train_set->width * t->train_set->channels;
+    t->host_images = malloc((size_t)max_batch * image * sizeof(float));
+    if (!t->labels || !t->host_images) return KFAC_ERR(KFAC_ENOMEM, "trainer: out of memory");
+    return KFAC_OK;
+}
+
+/* Loads the next batch into the model's input; *n = 0 at the epoch's end. */
+static kfac_status load_batch(trainer *t, kfac_batcher *b, int *n)
+{
+    KFAC_TRY(kfac_batcher_next(b, t->host_images, t->labels, n));
+    if (*n == 0) return KFAC_OK;
+    int h, w, c;
+    kfac_model_input_shape(t->model, &h, &w, &c);
+    return t->be->upload(t->be, kfac_model_input(t->model), t->host_images,
+                         (size_t)*n * h * w * c * sizeof(float));
+}
+
+static kfac_status evaluate(trainer *t, double *loss, double *acc)
+{
+    double loss_sum = 0;
+    long correct = 0, seen = 0;
+    int n;
+    kfac_batcher_start_epoch(t->test_batches, 0);
+    for (;;) {
+        KFAC_TRY(load_batch(t, t->test_batches, &n));
+        if (n == 0) break;
+        double l;
+        int hits;
+        KFAC_TRY(kfac_model_forward(t->model, n, KFAC_MODE_EVAL));
+        KFAC_TRY(kfac_model_loss(t->model, n, t->labels, 0.0f, &l, &hits));
+        loss_sum += l;
+        correct += hits;
+        seen += n;
+    }
+    *loss = loss_sum / (double)seen;
+    *acc = (double)correct / (double)seen;
+    return KFAC_OK;
+}
+
+static kfac_status train_epoch(trainer *t, int epoch, long *step, kfac_epoch_metrics *em,
+                               const kfac_train_callbacks *cb)
+{
+    const kfac_job *job = t->job;
+    int steps = (int)kfac_batcher_batches_per_epoch(t->train_batches);
+    double loss_sum = 0;
+    long correct = 0, seen = 0;
+    double t0 = now_seconds();
+    kfac_batcher_start_epoch(t->train_batches, epoch);
+    for (int i = 0; i < steps; i++) {
+        if (job->train.max_steps > 0 && *step >= job->train.max_steps) break;
+        int n;
+        KFAC_TRY(load_batch(t, t->train_batches, &n));
+        if (n == 0) break;
+        double lr = kfac_lr_at(&t->schedule, epoch + (double)i / steps);
+        double l;
+        int hits;
+        KFAC_TRY(kfac_model_forward(t->model, n, KFAC_MODE_TRAIN));
+        KFAC_TRY(kfac_model_loss(t->model, n, t->labels, job->train.label_smoothing, &l, &hits));
+        KFAC_TRY(kfac_model_backward(t->model, n));
+        KFAC_TRY(kfac_sgd_step(t->sgd, (float)lr));
+        loss_sum += l;
+        correct += hits;
+        seen += n;
+        (*step)++;
+        em->lr = lr;
+        if (cb && cb->on_progress && cb->progress_every > 0 && (i + 1) % cb->progress_every == 0)
+            cb->on_progress(epoch + 1, i + 1, steps, l / n, cb->user);
+    }
+    double train_seconds = now_seconds() - t0;
+    em->train_loss = seen ? loss_sum / seen : 0;
+    em->train_acc = seen ? (double)correct / seen : 0;
+    em->images_per_s = train_seconds > 0 ? seen / train_seconds : 0;
+    return KFAC_OK;
+}
+
+static void write_metrics(FILE *f, const kfac_epoch_metrics *m)
+{
+    fprintf(f,
+            "{\"epoch\": %d, \"step\": %ld, \"lr\": %.6g, \"train_loss\": %.6f, "
+            "\"train_acc\": %.6f, \"test_loss\": %.6f, \"test_acc\": %.6f, "
+            "\"images_per_s\": %.1f, \"epoch_seconds\": %.3f, \"seconds\": %.3f}\n",
+            m->epoch, m->step, m->lr, m->train_loss, m->train_acc, m->test_loss, m->test_acc,
+            m->images_per_s, m->epoch_seconds, m->seconds);
+    fflush(f);
+}
+
+static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_metrics *final)
+{
+    const kfac_job *job = t->job;
+    char path[2 * KFAC_JOB_STR + 2];
+    double start = now_seconds();
+    KFAC_TRY(make_dirs(job->output.dir));
+    snprintf(path, sizeof path, "%s/job.yaml", job->output.dir);
+    KFAC_TRY(kfac_job_write_yaml(job, path));
+    snprintf(path, sizeof path, "%s/%s", job->output.dir, job->output.metrics);
+    t->metrics = fopen(path, "w");
+    if (!t->metrics) return KFAC_ERR(KFAC_EIO, "%s: cannot create: %s", path, strerror(errno));
+    KFAC_TRY(kfac_backend_get("cpu", job->train.threads, &t->be));
+    KFAC_TRY(schedule_from_job(job, &t->schedule));
+    KFAC_TRY(open_data(t));
+    KFAC_TRY(build_model(t));
+    if (cb && cb->on_start) {
+        char summary[512];
+        snprintf(summary, sizeof summary,
+                 "%s: %zu parameters, %.1f M MACs/image; %zu train / %zu test images; "
+                 "batch %d, %zu steps/epoch, %d epochs; backend %s, %d threads",
+                 job->model.name, kfac_model_param_count(t->model),
+                 kfac_model_macs_per_image(t->model) / 1e6, t->train_set->count,
+                 t->test_set->count, job->train.batch_size,
+                 kfac_batcher_batches_per_epoch(t->train_batches), job->train.epochs,
+                 t->be->name, t->be->threads);
+        cb->on_start(summary, cb->user);
+    }
+    long step = 0;
+    kfac_epoch_metrics em = {0};
+    for (int epoch = 0; epoch < job->train.epochs; epoch++) {
+        if (job->train.max_steps > 0 && step >= job->train.max_steps) break;
+        double t0 = now_seconds();
+        KFAC_TRY(train_epoch(t, epoch, &step, &em, cb));
+        KFAC_TRY(evaluate(t, &em.test_loss, &em.test_acc));
+        em.epoch = epoch + 1;
+        em.step = step;
+        em.epoch_seconds = now_seconds() - t0;
+        em.seconds = now_seconds() - start;
+        write_metrics(t->metrics, &em);
+        if (cb && cb->on_epoch) cb->on_epoch(&em, cb->user);
+    }
+    if (final) *final = em;
+    return KFAC_OK;
+}
+
+kfac_status kfac_train_run(const kfac_job *job, const kfac_train_callbacks *cb,
+                           kfac_epoch_metrics *final)
+{
+    trainer t = {.job = job};
+    kfac_status st = run(&t, cb, final);
+    if (t.metrics) fclose(t.metrics);
+    free(t.labels);
+    free(t.host_images);
+    kfac_sgd_free(t.sgd);
+    kfac_model_free(t.model);
+    kfac_batcher_free(t.train_batches);
+    kfac_batcher_free(t.test_batches);
+    kfac_dataset_free(t.train_set);
+    kfac_dataset_free(t.test_set);
+    kfac_backend_free(t.be);
+    return st;
+}

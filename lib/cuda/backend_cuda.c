@@ -1,0 +1,306 @@
+/* backend_cuda.c - the CUDA backend table: device memory, one stream, a
+ * cuBLAS handle, and the kernels of kernels/ for every operation except
+ * convolutions (those arrive with the cuDNN backend).  All array arguments
+ * are device pointers, labels of softmax_xent included. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda/cuda_backend.h"
+
+/* Launches one kernels.h launcher on the backend's stream. */
+#define LAUNCH(be, op, ...)                                                          \
+    do {                                                                             \
+        KFAC_CUDA_CHECK_AS(#op, kfac_k_##op(__VA_ARGS__, kfac__cuda(be)->stream));   \
+        return KFAC_OK;                                                              \
+    } while (0)
+
+static kfac_status ensure_scratch(kfac_cuda *cu, size_t bytes)
+{
+    if (bytes <= cu->scratch_bytes) return KFAC_OK;
+    /* Work queued earlier may still read the old buffer. */
+    KFAC_CUDA_CHECK(cudaStreamSynchronize(cu->stream));
+    cudaFree(cu->scratch);
+    cu->scratch = NULL;
+    cu->scratch_bytes = 0;
+    size_t round = (size_t)1 << 20;
+    bytes = (bytes + round - 1) / round * round;
+    KFAC_CUDA_CHECK_AS("scratch allocation", cudaMalloc(&cu->scratch, bytes));
+    cu->scratch_bytes = bytes;
+    return KFAC_OK;
+}
+
+/* ---- memory ---- */
+
+static kfac_status cuda_alloc(kfac_backend *be, size_t bytes, void **ptr)
+{
+    *ptr = NULL;
+    cudaError_t e = cudaMalloc(ptr, bytes ? bytes : 1);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        *ptr = NULL;
+        size_t free_b = 0, total_b = 0;
+        if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) (void)cudaGetLastError();
+        return KFAC_ERR(kfac__cuda_status(e),
+                        "cuda: cannot allocate %zu bytes of device memory (%zu of %zu MiB free): %s",
+                        bytes, free_b >> 20, total_b >> 20, cudaGetErrorString(e));
+    }
+    return KFAC_OK;
+}
+
+static void cuda_release(kfac_backend *be, void *ptr)
+{
+    if (ptr && cudaFree(ptr) != cudaSuccess) (void)cudaGetLastError();
+}
+
+static kfac_status cuda_upload(kfac_backend *be, void *dst, const void *src, size_t bytes)
+{
+    kfac_cuda *cu = kfac__cuda(be);
+    if (bytes == 0) return KFAC_OK;
+    KFAC_CUDA_CHECK_AS("upload",
+                       cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cu->stream));
+    KFAC_CUDA_CHECK_AS("upload (synchronize)", cudaStreamSynchronize(cu->stream));
+    return KFAC_OK;
+}
+
+static kfac_status cuda_download(kfac_backend *be, void *dst, const void *src, size_t bytes)
+{
+    kfac_cuda *cu = kfac__cuda(be);
+    if (bytes == 0) return KFAC_OK;
+    KFAC_CUDA_CHECK_AS("download",
+                       cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cu->stream));
+    KFAC_CUDA_CHECK_AS("download (synchronize)", cudaStreamSynchronize(cu->stream));
+    return KFAC_OK;
+}
+
+static kfac_status cuda_fill(kfac_backend *be, float *x, float value, size_t n)
+{
+    LAUNCH(be, fill, n, x, value);
+}
+
+/* ---- convolution: not yet ---- */
+
+static size_t cuda_conv_workspace(const kfac_backend *be, const kfac_conv_desc *d) { return 0; }
+
+static kfac_status cuda_conv_forward(kfac_backend *be, const kfac_conv_desc *d, const float *x,
+                                     const float *w, const float *bias, float *y, void *ws)
+{
+    return KFAC_ERR(KFAC_ENOTSUP, "cuda: convolution arrives with the cuDNN backend");
+}
+
+static kfac_status cuda_conv_backward(kfac_backend *be, const kfac_conv_desc *d, const float *x,
+                                      const float *w, const float *dy, float *dx, int accumulate,
+                                      float *dw, float *db, void *ws)
+{
+    return KFAC_ERR(KFAC_ENOTSUP, "cuda: convolution arrives with the cuDNN backend");
+}
+
+/* ---- batch norm ---- */
+
+static kfac_status cuda_bn_forward_train(kfac_backend *be, size_t m, int c, const float *x,
+                                         const float *gamma, const float *beta, float *y,
+                                         float *save_mean, float *save_invstd, float *run_mean,
+                                         float *run_var, float momentum, float eps, int relu)
+{
+    kfac_cuda *cu = kfac__cuda(be);
+    if (c < 0) return KFAC_ERR(KFAC_EINVAL, "batch norm: %d channels", c);
+    KFAC_TRY(ensure_scratch(cu, kfac_k_bn_scratch_bytes(m, c)));
+    LAUNCH(be, bn_forward_train, m, c, x, gamma, beta, y, save_mean, save_invstd, run_mean,
+           run_var, momentum, eps, relu, cu->scratch);
+}
+
+static kfac_status cuda_bn_forward_eval(kfac_backend *be, size_t m, int c, const float *x,
+                                        const float *gamma, const float *beta, float *y,
+                                        const float *run_mean, const float *run_var, float eps,
+                                        int relu)
+{
+    LAUNCH(be, bn_forward_eval, m, c, x, gamma, beta, y, run_mean, run_var, eps, relu);
+}
+
+static kfac_status cuda_bn_backward(kfac_backend *be, size_t m, int c, const float *x,
+                                    const float *y, const float *dy, const float *gamma,
+                                    const float *save_mean, const float *save_invstd, float *dx,
+                                    int accumulate, float *dgamma, float *dbeta, int relu)
+{
+    kfac_cuda *cu = kfac__cuda(be);
+    if (c < 0) return KFAC_ERR(KFAC_EINVAL, "batch norm: %d channels", c);
+    KFAC_TRY(ensure_scratch(cu, kfac_k_bn_scratch_bytes(m, c)));
+    LAUNCH(be, bn_backward, m, c, x, y, dy, gamma, save_mean, save_invstd, dx, accumulate,
+           dgamma, dbeta, relu, cu->scratch);
+}
+
+/* ---- element-wise ---- */
+
+static kfac_status cuda_relu_forward(kfac_backend *be, size_t n, const float *x, float *y)
+{
+    LAUNCH(be, relu_forward, n, x, y);
+}
+
+static kfac_status cuda_relu_backward(kfac_backend *be, size_t n, const float *y, const float *dy,
+                                      float *dx, int accumulate)
+{
+    LAUNCH(be, relu_backward, n, y, dy, dx, accumulate);
+}
+
+static kfac_status cuda_add_forward(kfac_backend *be, size_t n, const float *a, const float *b,
+                                    float *y, int relu)
+{
+    LAUNCH(be, add_forward, n, a, b, y, relu);
+}
+
+static kfac_status cuda_add_backward(kfac_backend *be, size_t n, const float *y, const float *dy,
+                                     float *da, int acc_a, float *db, int acc_b, int relu)
+{
+    LAUNCH(be, add_backward, n, y, dy, da, acc_a, db, acc_b, relu);
+}
+
+static kfac_status cuda_sgd_update(kfac_backend *be, size_t n, float *p, const float *g, float *v,
+                                   float lr, float mom, float wd, int nesterov)
+{
+    LAUNCH(be, sgd_update, n, p, g, v, lr, mom, wd, nesterov);
+}
+
+/* ---- pooling ---- */
+
+static kfac_status cuda_maxpool_forward(kfac_backend *be, const kfac_pool_desc *d, const float *x,
+                                        float *y)
+{
+    LAUNCH(be, maxpool_forward, d->n, d->h, d->w, d->c, d->kh, d->kw, d->stride, d->pad, d->ho,
+           d->wo, x, y);
+}
+
+static kfac_status cuda_maxpool_backward(kfac_backend *be, const kfac_pool_desc *d,
+                                         const float *x, const float *y, const float *dy,
+                                         float *dx, int accumulate)
+{
+    LAUNCH(be, maxpool_backward, d->n, d->h, d->w, d->c, d->kh, d->kw, d->stride, d->pad, d->ho,
+           d->wo, x, y, dy, dx, accumulate);
+}
+
+static kfac_status cuda_gap_forward(kfac_backend *be, int n, int hw, int c, const float *x,
+                                    float *y)
+{
+    LAUNCH(be, gap_forward, n, hw, c, x, y);
+}
+
+static kfac_status cuda_gap_backward(kfac_backend *be, int n, int hw, int c, const float *dy,
+                                     float *dx, int accumulate)
+{
+    LAUNCH(be, gap_backward, n, hw, c, dy, dx, accumulate);
+}
+
+/* ---- loss ---- */
+
+static kfac_status cuda_softmax_xent(kfac_backend *be, int n, int classes, const float *logits,
+                                     const int32_t *labels, float smoothing, float *dlogits,
+                                     double *loss_sum, int *correct)
+{
+    kfac_cuda *cu = kfac__cuda(be);
+    kfac_k_xent_result r;
+    KFAC_TRY(ensure_scratch(cu, kfac_k_xent_scratch_bytes(n)));
+    KFAC_CUDA_CHECK_AS("softmax_xent", kfac_k_softmax_xent(n, classes, logits, labels, smoothing,
+                                                           dlogits, cu->xent_result, cu->scratch,
+                                                           cu->stream));
+    KFAC_CUDA_CHECK_AS("softmax_xent (result)",
+                       cudaMemcpyAsync(&r, cu->xent_result, sizeof r, cudaMemcpyDeviceToHost,
+                                       cu->stream));
+    KFAC_CUDA_CHECK_AS("softmax_xent (synchronize)", cudaStreamSynchronize(cu->stream));
+    if (r.bad_row < n) {
+        int32_t label = 0;
+        KFAC_CUDA_CHECK_AS("softmax_xent (bad label)",
+                           cudaMemcpy(&label, labels + r.bad_row, sizeof label,
+                                      cudaMemcpyDeviceToHost));
+        return KFAC_ERR(KFAC_EINVAL, "label %d of sample %d outside [0, %d)", (int)label,
+                        r.bad_row, classes);
+    }
+    *loss_sum = r.loss_sum;
+    *correct = r.correct;
+    return KFAC_OK;
+}
+
+/* ---- life cycle ---- */
+
+static void cuda_destroy(kfac_backend *be)
+{
+    kfac_cuda *cu = kfac__cuda(be);
+    if (cu && (cu->stream || cu->cublas || cu->xent_result)) {
+        cudaSetDevice(cu->device);
+        if (cu->stream) cudaStreamSynchronize(cu->stream);
+        cudaFree(cu->scratch);
+        cudaFree(cu->xent_result);
+        if (cu->cublas) cublasDestroy(cu->cublas);
+        if (cu->stream) cudaStreamDestroy(cu->stream);
+        (void)cudaGetLastError();
+    }
+    free(cu);
+    free(be);
+}
+
+static kfac_status cuda_setup(kfac_cuda *cu, int device)
+{
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return KFAC_ERR(KFAC_ENODEV, "cuda: no GPU visible (cudaGetDeviceCount: %s)",
+                        cudaGetErrorString(e));
+    }
+    if (count == 0)
+        return KFAC_ERR(KFAC_ENODEV, "cuda: no GPU visible (cudaGetDeviceCount: 0 devices)");
+    if (device < 0 || device >= count)
+        return KFAC_ERR(KFAC_ENODEV, "cuda: device %d requested, %d visible", device, count);
+    cu->device = device;
+    KFAC_CUDA_CHECK(cudaSetDevice(device));
+    struct cudaDeviceProp prop;
+    KFAC_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    snprintf(cu->device_name, sizeof cu->device_name, "%s", prop.name);
+    KFAC_CUDA_CHECK(cudaStreamCreateWithFlags(&cu->stream, cudaStreamNonBlocking));
+    KFAC_CUBLAS_CHECK(cublasCreate(&cu->cublas));
+    KFAC_CUBLAS_CHECK(cublasSetStream(cu->cublas, cu->stream));
+    KFAC_CUDA_CHECK(cudaMalloc((void **)&cu->xent_result, sizeof *cu->xent_result));
+    return KFAC_OK;
+}
+
+kfac_status kfac_backend_cuda_init(int device, kfac_backend **out)
+{
+    *out = NULL;
+    kfac_backend *be = calloc(1, sizeof *be);
+    kfac_cuda *cu = calloc(1, sizeof *cu);
+    if (!be || !cu) {
+        free(be);
+        free(cu);
+        return KFAC_ERR(KFAC_ENOMEM, "cannot allocate the CUDA backend");
+    }
+    be->impl = cu;
+    kfac_status st = cuda_setup(cu, device);
+    if (st != KFAC_OK) {
+        cuda_destroy(be); /* keeps the message: destroy records no error */
+        return st;
+    }
+    be->name = "cuda";
+    be->threads = 1; /* the model scales host-side chunking by this */
+    be->alloc = cuda_alloc;
+    be->release = cuda_release;
+    be->upload = cuda_upload;
+    be->download = cuda_download;
+    be->fill = cuda_fill;
+    be->conv_workspace = cuda_conv_workspace;
+    be->conv_forward = cuda_conv_forward;
+    be->conv_backward = cuda_conv_backward;
+    be->bn_forward_train = cuda_bn_forward_train;
+    be->bn_forward_eval = cuda_bn_forward_eval;
+    be->bn_backward = cuda_bn_backward;
+    be->relu_forward = cuda_relu_forward;
+    be->relu_backward = cuda_relu_backward;
+    be->add_forward = cuda_add_forward;
+    be->add_backward = cuda_add_backward;
+    be->maxpool_forward = cuda_maxpool_forward;
+    be->maxpool_backward = cuda_maxpool_backward;
+    be->gap_forward = cuda_gap_forward;
+    be->gap_backward = cuda_gap_backward;
+    be->softmax_xent = cuda_softmax_xent;
+    be->sgd_update = cuda_sgd_update;
+    be->destroy = cuda_destroy;
+    *out = be;
+    return KFAC_OK;
+}

@@ -1,0 +1,147 @@
+/* kfac_backend.h - the table of operations a compute backend provides.
+ *
+ * The model graph (kfac_model.h) is backend-neutral: it owns shapes and
+ * buffers and calls these operations in order.  The CPU backend (lib/cpu)
+ * is always built and is the reference; the CUDA backend (lib/cuda +
+ * kernels/) implements the same table on device pointers.  A backend is
+ * chosen once at start-up with kfac_backend_get(); the only #ifdef for CUDA
+ * lives in lib/core/backend.c.
+ *
+ * Layout conventions (all float32):
+ *   activations NHWC: x[((n*H + h)*W + w)*C + c]
+ *   conv weights KRSC: w[((k*KH + r)*KW + s)*C + c]  (= cuDNN's NHWC filter)
+ *   fully connected layers are 1x1 convolutions on 1x1 images.
+ * Why NHWC: a 1x1 convolution is then a plain GEMM on the activation
+ * matrix (N*H*W, C) with no copy, im2col rows are runs of C contiguous
+ * floats, the same rows are K-FAC's input patches, and cuDNN's tensor-core
+ * kernels want channels-last.
+ *
+ * Backward operations *accumulate* into input gradients when `accumulate`
+ * is nonzero (a tensor read by two layers, e.g. a residual block's input),
+ * otherwise they overwrite.  Parameter gradients are always overwritten.
+ */
+#ifndef KFAC_BACKEND_H
+#define KFAC_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kfac/kfac_status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* One convolution's geometry; ho/wo are derived by kfac_conv_desc_init. */
+typedef struct kfac_conv_desc {
+    int n, h, w, c;        /* input NHWC */
+    int k, kh, kw;         /* output channels, kernel size */
+    int stride, pad;
+    int ho, wo;            /* output spatial size */
+} kfac_conv_desc;
+
+void kfac_conv_desc_init(kfac_conv_desc *d, int n, int h, int w, int c, int k, int kh, int kw,
+                         int stride, int pad);
+
+typedef struct kfac_pool_desc {
+    int n, h, w, c;
+    int kh, kw, stride, pad;
+    int ho, wo;
+} kfac_pool_desc;
+
+void kfac_pool_desc_init(kfac_pool_desc *d, int n, int h, int w, int c, int k, int stride, int pad);
+
+typedef struct kfac_backend kfac_backend;
+
+struct kfac_backend {
+    const char *name;
+    int threads;           /* compute threads (CPU) */
+    void *impl;
+
+    /* memory */
+    kfac_status (*alloc)(kfac_backend *be, size_t bytes, void **ptr);
+    void (*release)(kfac_backend *be, void *ptr);
+    kfac_status (*upload)(kfac_backend *be, void *dst, const void *src, size_t bytes);
+    kfac_status (*download)(kfac_backend *be, void *dst, const void *src, size_t bytes);
+    kfac_status (*fill)(kfac_backend *be, float *x, float value, size_t n);
+    /* Bytes of scratch memory conv operations need for this geometry. */
+    size_t (*conv_workspace)(const kfac_backend *be, const kfac_conv_desc *d);
+
+    /* y(n,ho,wo,k) = sum w(k,r,s,c) x(n,..,c) + bias(k); bias may be NULL. */
+    kfac_status (*conv_forward)(kfac_backend *be, const kfac_conv_desc *d, const float *x,
+                                const float *w, const float *bias, float *y, void *ws);
+    /* dx (may be NULL: not needed), dw, db (may be NULL) from dy. */
+    kfac_status (*conv_backward)(kfac_backend *be, const kfac_conv_desc *d, const float *x,
+                                 const float *w, const float *dy, float *dx, int accumulate,
+                                 float *dw, float *db, void *ws);
+
+    /* Batch norm over m = N*H*W rows of c channels.  Training: batch
+     * statistics (biased variance to normalise, unbiased to update the
+     * running variance, as PyTorch), running = (1-momentum)*running +
+     * momentum*batch; saves mean and 1/sqrt(var+eps) for backward.
+     * Eval: running statistics.  relu != 0 fuses max(0, .) on the output. */
+    kfac_status (*bn_forward_train)(kfac_backend *be, size_t m, int c, const float *x,
+                                    const float *gamma, const float *beta, float *y,
+                                    float *save_mean, float *save_invstd, float *run_mean,
+                                    float *run_var, float momentum, float eps, int relu);
+    kfac_status (*bn_forward_eval)(kfac_backend *be, size_t m, int c, const float *x,
+                                   const float *gamma, const float *beta, float *y,
+                                   const float *run_mean, const float *run_var, float eps,
+                                   int relu);
+    /* y is the forward output (read for the fused ReLU's mask). */
+    kfac_status (*bn_backward)(kfac_backend *be, size_t m, int c, const float *x, const float *y,
+                               const float *dy, const float *gamma, const float *save_mean,
+                               const float *save_invstd, float *dx, int accumulate,
+                               float *dgamma, float *dbeta, int relu);
+
+    kfac_status (*relu_forward)(kfac_backend *be, size_t n, const float *x, float *y);
+    kfac_status (*relu_backward)(kfac_backend *be, size_t n, const float *y, const float *dy,
+                                 float *dx, int accumulate);
+    /* y = a + b, optionally followed by ReLU. */
+    kfac_status (*add_forward)(kfac_backend *be, size_t n, const float *a, const float *b,
+                               float *y, int relu);
+    /* da (+)= g, db (+)= g where g = dy masked by y > 0 when relu. */
+    kfac_status (*add_backward)(kfac_backend *be, size_t n, const float *y, const float *dy,
+                                float *da, int acc_a, float *db, int acc_b, int relu);
+
+    kfac_status (*maxpool_forward)(kfac_backend *be, const kfac_pool_desc *d, const float *x,
+                                   float *y);
+    kfac_status (*maxpool_backward)(kfac_backend *be, const kfac_pool_desc *d, const float *x,
+                                    const float *y, const float *dy, float *dx, int accumulate);
+    /* Global average pool: (n, h*w, c) -> (n, c). */
+    kfac_status (*gap_forward)(kfac_backend *be, int n, int hw, int c, const float *x, float *y);
+    kfac_status (*gap_backward)(kfac_backend *be, int n, int hw, int c, const float *dy, float *dx,
+                                int accumulate);
+
+    /* Mean softmax cross-entropy over n rows with label smoothing eps
+     * (target = (1-eps) onehot + eps/classes).  Writes dlogits (gradient of
+     * the mean loss, may be NULL), the summed loss and the number of
+     * correct argmax predictions (host values). */
+    kfac_status (*softmax_xent)(kfac_backend *be, int n, int classes, const float *logits,
+                                const int32_t *labels, float smoothing, float *dlogits,
+                                double *loss_sum, int *correct);
+
+    /* Momentum SGD on n parameters:
+     *   g' = g + wd*p;  v = mom*v + g';  p -= lr * (nesterov ? g' + mom*v : v)   */
+    kfac_status (*sgd_update)(kfac_backend *be, size_t n, float *p, const float *g, float *v,
+                              float lr, float mom, float wd, int nesterov);
+
+    void (*destroy)(kfac_backend *be);
+};
+
+/* Creates the backend named "cpu" or "cuda" with `threads` compute threads
+ * (0: all cores).  "cuda" fails with KFAC_ENOTSUP when built without CUDA
+ * and KFAC_ENODEV when no GPU is present. */
+kfac_status kfac_backend_get(const char *name, int threads, kfac_backend **out);
+void kfac_backend_free(kfac_backend *be);
+
+/* Backend constructors (used by kfac_backend_get). */
+kfac_status kfac_backend_cpu_init(int threads, kfac_backend **out);
+#ifdef KFAC_HAVE_CUDA
+kfac_status kfac_backend_cuda_init(int device, kfac_backend **out);
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,119 @@
+/* kfac_model.h - the model graph: layers, explicit forward and backward,
+ * parameters in one flat allocation, activations in one arena.
+ *
+ * Lifecycle:
+ *   kfac_model_init(&m, backend, max_batch, H, W, C)
+ *   add layers (kfac_model_conv, _bn, ...; each returns the id of its output
+ *     value, or -1 after a failure, which kfac_model_finalize then reports)
+ *   kfac_model_finalize(m, seed)   allocates everything, initialises weights
+ *   per step: fill kfac_model_input(m); kfac_model_forward; kfac_model_loss;
+ *     kfac_model_backward; an optimizer reads kfac_model_params/grads
+ *   kfac_model_free(m)
+ * After finalize nothing allocates: forward, loss and backward only use
+ * memory sized for max_batch at finalize.
+ *
+ * All layers are in NHWC (see kfac_backend.h).  Conv and FC weights are
+ * Kaiming-normal (fan_out, ReLU gain, as torchvision's ResNet); FC layers
+ * use PyTorch's default uniform(+-1/sqrt(fan_in)); BN gamma 1, beta 0.
+ */
+#ifndef KFAC_MODEL_H
+#define KFAC_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kfac/kfac_backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kfac_model kfac_model;
+
+typedef enum kfac_node_kind {
+    KFAC_NODE_CONV,
+    KFAC_NODE_BN,
+    KFAC_NODE_RELU,
+    KFAC_NODE_MAXPOOL,
+    KFAC_NODE_GAP,
+    KFAC_NODE_FC,
+    KFAC_NODE_ADD
+} kfac_node_kind;
+
+typedef enum kfac_param_kind {
+    KFAC_PARAM_WEIGHT, /* conv/FC weight: decayed */
+    KFAC_PARAM_BIAS,   /* FC bias */
+    KFAC_PARAM_BN      /* BN gamma or beta */
+} kfac_param_kind;
+
+/* One parameter tensor: a slice of the flat parameter and gradient arrays. */
+typedef struct kfac_param {
+    char name[64];
+    kfac_param_kind kind;
+    size_t offset, count;
+} kfac_param;
+
+typedef enum kfac_mode { KFAC_MODE_TRAIN = 0, KFAC_MODE_EVAL = 1 } kfac_mode;
+
+kfac_status kfac_model_init(kfac_model **out, kfac_backend *be, int max_batch, int h, int w,
+                            int c);
+void kfac_model_free(kfac_model *m);
+
+/* Value 0 is the input image batch. */
+int kfac_model_conv(kfac_model *m, int x, int out_channels, int ksize, int stride, int pad,
+                    const char *name);
+/* momentum as PyTorch (0.1), eps 1e-5; relu fuses a ReLU on the output. */
+int kfac_model_bn(kfac_model *m, int x, int relu, const char *name);
+int kfac_model_relu(kfac_model *m, int x);
+int kfac_model_maxpool(kfac_model *m, int x, int ksize, int stride, int pad);
+int kfac_model_gap(kfac_model *m, int x);
+int kfac_model_fc(kfac_model *m, int x, int out_features, const char *name);
+int kfac_model_add(kfac_model *m, int a, int b, int relu);
+
+/* Sets BN gamma of the BN node that produced value `bn_out` to zero at
+ * initialisation (ResNet zero-init of the last BN in each block). */
+kfac_status kfac_model_zero_init_gamma(kfac_model *m, int bn_out);
+
+kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed);
+
+/* The input buffer (max_batch x H x W x C floats, backend memory). */
+float *kfac_model_input(kfac_model *m);
+/* The logits buffer (max_batch x classes) and its size. */
+const float *kfac_model_logits(const kfac_model *m);
+int kfac_model_classes(const kfac_model *m);
+int kfac_model_max_batch(const kfac_model *m);
+void kfac_model_input_shape(const kfac_model *m, int *h, int *w, int *c);
+
+/* Forward over the first n images.  Training mode keeps what backward
+ * needs and updates BN running statistics; eval mode runs the whole network
+ * on chunks of images that fit in cache. */
+kfac_status kfac_model_forward(kfac_model *m, int n, kfac_mode mode);
+/* Mean softmax cross-entropy of the logits against labels; writes the
+ * logits' gradient for backward; loss_sum and correct as the backend op. */
+kfac_status kfac_model_loss(kfac_model *m, int n, const int32_t *labels, float smoothing,
+                            double *loss_sum, int *correct);
+kfac_status kfac_model_backward(kfac_model *m, int n);
+
+/* Parameters: one flat array of kfac_model_param_count floats, its
+ * gradient, and the per-tensor table. */
+float *kfac_model_params(kfac_model *m);
+float *kfac_model_grads(kfac_model *m);
+size_t kfac_model_param_count(const kfac_model *m);
+int kfac_model_num_param_tensors(const kfac_model *m);
+const kfac_param *kfac_model_param_tensor(const kfac_model *m, int i);
+
+/* BN running statistics, one flat array (mean and var of each BN). */
+float *kfac_model_buffers(kfac_model *m);
+size_t kfac_model_buffer_count(const kfac_model *m);
+
+/* Multiply-adds of one forward pass per image (conv + FC). */
+double kfac_model_macs_per_image(const kfac_model *m);
+/* Bytes of activation/workspace arena and of parameters (+grads). */
+size_t kfac_model_arena_bytes(const kfac_model *m);
+
+kfac_backend *kfac_model_backend(kfac_model *m);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

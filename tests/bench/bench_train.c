@@ -1,0 +1,125 @@
+/* bench_train.c - images/s of one model's training step or inference on
+ * synthetic data, and the machine's sgemm peak, as JSON lines:
+ *   {"name": ..., "value": ..., "unit": ..., ...}
+ * Usage: bench_train [--model NAME] [--batch N] [--mode train|infer|sgemm]
+ *                    [--threads T] [--seconds S]
+ * Peak resident memory of the process is reported with each figure (run one
+ * configuration per process to compare it). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+
+#include <cblas.h>
+
+#include "kfac/kfac_optim.h"
+#include "kfac/kfac_resnet.h"
+#include "kfac/kfac_rng.h"
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static double peak_rss_mib(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_maxrss / 1024.0;
+}
+
+static int die(const char *what)
+{
+    fprintf(stderr, "bench_train: %s: %s\n", what, kfac_last_error());
+    return 1;
+}
+
+/* sgemm GFLOP/s on `threads` threads: 1536^3 products, best of several. */
+static double sgemm_peak(int threads)
+{
+    const int n = 1536;
+    float *a = malloc((size_t)n * n * sizeof *a), *b = malloc((size_t)n * n * sizeof *b),
+          *c = malloc((size_t)n * n * sizeof *c);
+    for (size_t i = 0; i < (size_t)n * n; i++) a[i] = b[i] = 1.0f / (1 + i % 7);
+    openblas_set_num_threads(threads);
+    double best = 0;
+    for (int rep = 0; rep < 6; rep++) {
+        double t0 = now();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1, a, n, b, n, 0, c, n);
+        double gf = 2.0 * n * n * n / (now() - t0) / 1e9;
+        if (gf > best) best = gf;
+    }
+    free(a);
+    free(b);
+    free(c);
+    return best;
+}
+
+int main(int argc, char **argv)
+{
+    const char *model_name = "resnet8-fmnist", *mode = "train";
+    int batch = 256, threads = 2;
+    double seconds = 10;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--model")) model_name = argv[i + 1];
+        else if (!strcmp(argv[i], "--batch")) batch = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--mode")) mode = argv[i + 1];
+        else if (!strcmp(argv[i], "--threads")) threads = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--seconds")) seconds = atof(argv[i + 1]);
+        else {
+            fprintf(stderr, "usage: bench_train [--model M] [--batch N] [--mode train|infer|sgemm] "
+                            "[--threads T] [--seconds S]\n");
+            return 2;
+        }
+    }
+    if (!strcmp(mode, "sgemm")) {
+        printf("{\"name\": \"sgemm_peak_%dthreads\", \"value\": %.1f, \"unit\": \"GFLOP/s\"}\n",
+               threads, sgemm_peak(threads));
+        return 0;
+    }
+    int train = !strcmp(mode, "train");
+    kfac_backend *be;
+    kfac_model *m;
+    kfac_sgd *sgd;
+    if (kfac_backend_get("cpu", threads, &be)) return die("backend");
+    if (kfac_resnet_build(model_name, NULL, be, batch, 1, &m)) return die("model");
+    kfac_sgd_config cfg = {.momentum = 0.9f, .nesterov = 1, .weight_decay = 5e-4f};
+    if (kfac_sgd_init(&sgd, m, &cfg)) return die("sgd");
+    int h, w, c;
+    kfac_model_input_shape(m, &h, &w, &c);
+    kfac_rng rng;
+    kfac_rng_seed(&rng, 7);
+    float *x = kfac_model_input(m);
+    for (size_t i = 0; i < (size_t)batch * h * w * c; i++) x[i] = (float)kfac_rng_normal(&rng);
+    int32_t *labels = malloc(batch * sizeof *labels);
+    for (int i = 0; i < batch; i++) labels[i] = (int32_t)kfac_rng_below(&rng, kfac_model_classes(m));
+    long images = 0;
+    double t0 = 0;
+    for (int it = 0;; it++) {
+        if (it == 2) t0 = now(); /* two warm-up steps */
+        if (kfac_model_forward(m, batch, train ? KFAC_MODE_TRAIN : KFAC_MODE_EVAL)) return die("forward");
+        if (train) {
+            double loss;
+            int correct;
+            if (kfac_model_loss(m, batch, labels, 0.0f, &loss, &correct)) return die("loss");
+            if (kfac_model_backward(m, batch)) return die("backward");
+            if (kfac_sgd_step(sgd, 0.01f)) return die("sgd");
+        }
+        if (it >= 2) images += batch;
+        if (it >= 4 && now() - t0 > seconds) break;
+    }
+    double ips = images / (now() - t0);
+    double macs = kfac_model_macs_per_image(m);
+    double gflops = ips * macs * 2 * (train ? 3 : 1) / 1e9;
+    printf("{\"name\": \"kfac_%s_%s_b%d\", \"value\": %.1f, \"unit\": \"images/s\", "
+           "\"gflops\": %.1f, \"peak_rss_mib\": %.1f, \"threads\": %d}\n",
+           mode, model_name, batch, ips, gflops, peak_rss_mib(), threads);
+    kfac_sgd_free(sgd);
+    kfac_model_free(m);
+    kfac_backend_free(be);
+    free(labels);
+    return 0;
+}

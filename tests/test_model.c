@@ -1,0 +1,178 @@
+/* test_model.c - the model graph as a whole: gradients of every parameter
+ * and of the input path through residual blocks (directional derivative
+ * against central finite differences of the mean loss, evaluated in double
+ * from the float forward), eval-mode chunking, BN train/eval semantics,
+ * determinism, and no allocation after finalize. */
+#include <string.h>
+
+#include "kfac/kfac_resnet.h"
+#include "testutil.h"
+
+#define BATCH 8 /* largest batch used */
+
+static int g_batch = BATCH, g_image = 8;
+
+static kfac_backend *be;
+
+static double mean_loss(kfac_model *m, const int32_t *labels)
+{
+    double loss;
+    int correct;
+    CHECK_OK(kfac_model_forward(m, g_batch, KFAC_MODE_TRAIN));
+    CHECK_OK(kfac_model_loss(m, g_batch, labels, 0.1f, &loss, &correct));
+    return loss / g_batch;
+}
+
+/* A model for `batch` random images of `image` pixels and 5 classes; sets
+ * the batch and image size the other helpers use. */
+static kfac_model *small_model(const char *name, int channels, int batch, int image,
+                               unsigned long long *seed, int32_t *labels)
+{
+    kfac_model *m = NULL;
+    g_batch = batch;
+    g_image = image;
+    kfac_resnet_options opt = {.image_size = image, .in_channels = channels, .num_classes = 5};
+    CHECK_OK(kfac_resnet_build(name, &opt, be, batch, 3, &m));
+    if (!m) return NULL;
+    float *x = kfac_model_input(m);
+    for (int i = 0; i < batch * image * image * channels; i++) x[i] = (float)test_uniform(seed);
+    for (int i = 0; i < batch; i++) labels[i] = i % 5;
+    return m;
+}
+
+/* Central difference of the mean loss along direction v (parameters p0 +-
+ * h v), extrapolated from steps h and h/3: ReLU and max-pool kinks crossed
+ * by a step make the plain difference's error linear in h, and float
+ * rounding forbids much smaller steps, so (3 D(h/3) - D(h)) / 2 is used. */
+static double fd_along(kfac_model *m, const int32_t *labels, const float *p0, const double *v,
+                       size_t first, size_t count, double h)
+{
+    float *p = kfac_model_params(m);
+    double d[2];
+    for (int k = 0; k < 2; k++, h /= 3) {
+        for (size_t i = first; i < first + count; i++) p[i] = (float)(p0[i] + h * v[i]);
+        double lp = mean_loss(m, labels);
+        for (size_t i = first; i < first + count; i++) p[i] = (float)(p0[i] - h * v[i]);
+        double lm = mean_loss(m, labels);
+        d[k] = (lp - lm) / (2 * h);
+    }
+    for (size_t i = first; i < first + count; i++) p[i] = p0[i];
+    return (3 * d[1] - d[0]) / 2;
+}
+
+/* Checks the backward pass along each parameter tensor's own gradient
+ * direction u = g_t/|g_t|: the finite-difference slope of the loss along u
+ * must equal |g_t|, so a tensor with a wrong or missing gradient (a
+ * residual branch not accumulated, say) cannot hide in a sum. */
+static void check_gradient(const char *name, int channels, int batch, int image, double tol)
+{
+    unsigned long long seed = 11;
+    int32_t labels[BATCH];
+    kfac_model *m = small_model(name, channels, batch, image, &seed, labels);
+    if (!m) return;
+    size_t n = kfac_model_param_count(m);
+    double *grad = malloc(n * sizeof *grad), *u = malloc(n * sizeof *u);
+    float *p0 = malloc(n * sizeof *p0);
+    memcpy(p0, kfac_model_params(m), n * sizeof *p0);
+    mean_loss(m, labels);
+    CHECK_OK(kfac_model_backward(m, g_batch));
+    for (size_t i = 0; i < n; i++) grad[i] = kfac_model_grads(m)[i];
+    int checked = 0;
+    for (int t = 0; t < kfac_model_num_param_tensors(m); t++) {
+        const kfac_param *pt = kfac_model_param_tensor(m, t);
+        double gn = 0;
+        for (size_t i = pt->offset; i < pt->offset + pt->count; i++) gn += grad[i] * grad[i];
+        gn = sqrt(gn);
+        if (gn < 1e-6) continue; /* e.g. a bias the loss ignores: nothing to compare */
+        for (size_t i = pt->offset; i < pt->offset + pt->count; i++) u[i] = grad[i] / gn;
+        double num = fd_along(m, labels, p0, u, pt->offset, pt->count, 1e-3);
+        CHECK(fabs(gn - num) < tol * fabs(num), "%s %s: |g| %.6g vs finite differences along g %.6g",
+              name, pt->name, gn, num);
+        checked++;
+    }
+    CHECK(checked > kfac_model_num_param_tensors(m) / 2, "%s: only %d tensors had gradients", name,
+          checked);
+    free(grad);
+    free(u);
+    free(p0);
+    kfac_model_free(m);
+}
+
+/* Eval mode runs in cache-sized chunks: logits equal those of running the
+ * images one at a time, and BN uses running statistics (so one image's
+ * logits do not depend on the others in the batch). */
+static void check_eval(void)
+{
+    unsigned long long seed = 5;
+    int32_t labels[BATCH];
+    kfac_model *m = small_model("resnet20", 3, 6, 8, &seed, labels);
+    if (!m) return;
+    mean_loss(m, labels); /* one training forward: moves the running stats */
+    int classes = kfac_model_classes(m);
+    CHECK_OK(kfac_model_forward(m, g_batch, KFAC_MODE_EVAL));
+    float all[BATCH * 5];
+    memcpy(all, kfac_model_logits(m), sizeof all);
+    float *x = kfac_model_input(m);
+    size_t image = (size_t)g_image * g_image * 3;
+    float first[8 * 8 * 3];
+    memcpy(first, x, sizeof first);
+    double maxdiff = 0;
+    for (int i = 0; i < g_batch; i++) {
+        memcpy(x, x + i * image, sizeof first);
+        if (i == 0) memcpy(x, first, sizeof first);
+        CHECK_OK(kfac_model_forward(m, 1, KFAC_MODE_EVAL));
+        for (int j = 0; j < classes; j++)
+            maxdiff = fmax(maxdiff, fabs(kfac_model_logits(m)[j] - all[i * classes + j]));
+        memcpy(x, first, sizeof first);
+    }
+    CHECK(maxdiff < 1e-5, "eval logits batch vs one at a time differ by %g", maxdiff);
+    /* train mode uses batch statistics: the same image gives other logits */
+    CHECK_OK(kfac_model_forward(m, g_batch, KFAC_MODE_TRAIN));
+    double train_diff = 0;
+    for (int j = 0; j < classes; j++) train_diff = fmax(train_diff, fabs(kfac_model_logits(m)[j] - all[j]));
+    CHECK(train_diff > 1e-4, "train-mode BN uses batch statistics (diff %g)", train_diff);
+    CHECK(kfac_model_forward(m, g_batch + 1, KFAC_MODE_EVAL) == KFAC_EINVAL, "batch above max rejected");
+    kfac_model_free(m);
+}
+
+/* Same seed, same thread count: bitwise the same weights after steps. */
+static void check_determinism(void)
+{
+    float *result[2];
+    size_t n = 0;
+    for (int run = 0; run < 2; run++) {
+        unsigned long long seed = 9;
+        int32_t labels[BATCH];
+        kfac_model *m = small_model("resnet8-fmnist", 1, 6, 8, &seed, labels);
+        if (!m) return;
+        n = kfac_model_param_count(m);
+        for (int step = 0; step < 3; step++) {
+            mean_loss(m, labels);
+            CHECK_OK(kfac_model_backward(m, g_batch));
+            float *p = kfac_model_params(m), *g = kfac_model_grads(m);
+            for (size_t i = 0; i < n; i++) p[i] -= 0.1f * g[i];
+        }
+        result[run] = malloc(n * sizeof(float));
+        memcpy(result[run], kfac_model_params(m), n * sizeof(float));
+        kfac_model_free(m);
+    }
+    CHECK(memcmp(result[0], result[1], n * sizeof(float)) == 0, "two seeded runs differ");
+    free(result[0]);
+    free(result[1]);
+}
+
+int main(void)
+{
+    CHECK_OK(kfac_backend_get("cpu", 2, &be));
+    /* Small images keep this fast; deeper nets need larger ones so that
+     * batch norm never sees a 1x1 map of a few samples, where the loss is
+     * too rough for finite differences in float. */
+    check_gradient("resnet8-fmnist", 1, 6, 8, 0.02);
+    check_gradient("resnet20", 3, 6, 8, 0.02);
+    check_gradient("resnet18", 3, 8, 32, 0.05); /* 7x7/2 stem, max pool */
+    check_gradient("resnet50", 3, 8, 64, 0.05); /* bottlenecks */
+    check_eval();
+    check_determinism();
+    kfac_backend_free(be);
+    return test_summary("test_model");
+}

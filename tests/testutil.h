@@ -1,0 +1,60 @@
+/* testutil.h - tiny assertion helpers shared by the unit tests.
+ *
+ * CHECK records a failure with file:line and continues, so one run reports
+ * every broken assertion; a test's main returns test_summary(), which prints
+ * "N passed, N failed" and is non-zero when anything failed. */
+#ifndef KFAC_TESTUTIL_H
+#define KFAC_TESTUTIL_H
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+static int test_passed_count, test_failed_count;
+
+#define CHECK(cond, ...)                                                      \
+    do {                                                                      \
+        if (cond) {                                                           \
+            test_passed_count++;                                              \
+        } else {                                                              \
+            test_failed_count++;                                              \
+            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);   \
+            fprintf(stderr, __VA_ARGS__);                                     \
+            fputc('\n', stderr);                                              \
+        }                                                                     \
+    } while (0)
+
+/* Asserts a kfac_status call succeeded, printing the library's message. */
+#define CHECK_OK(expr)                                                        \
+    do {                                                                      \
+        kfac_status st__ = (expr);                                            \
+        CHECK(st__ == KFAC_OK, "%s -> %s: %s (%s)", #expr, kfac_status_str(st__), \
+              kfac_last_error(), kfac_last_error_where());                    \
+    } while (0)
+
+/* Largest relative error max|a-b| / max(max|b|, floor) over n elements. */
+static inline double test_max_rel_err(const float *a, const double *b, size_t n, double floor_)
+{
+    double max_abs_diff = 0, max_ref = floor_;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (!(d <= max_abs_diff)) max_abs_diff = d; /* also catches NaN */
+        if (fabs(b[i]) > max_ref) max_ref = fabs(b[i]);
+    }
+    return max_abs_diff / max_ref;
+}
+
+static inline int test_summary(const char *name)
+{
+    printf("%s: %d passed, %d failed\n", name, test_passed_count, test_failed_count);
+    return test_failed_count ? 1 : 0;
+}
+
+/* Deterministic uniform numbers in [-1, 1) for test inputs. */
+static inline double test_uniform(unsigned long long *state)
+{
+    *state = *state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (double)(*state >> 11) / (double)(1ULL << 53) * 2.0 - 1.0;
+}
+
+#endif
