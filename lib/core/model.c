@@ -284,21 +284,79 @@ static void init_params(const kfac_model *m, uint64_t seed, float *params, float
     }
 }
 
-/* Places every activation, gradient and BN save buffer in the arena. */
-static size_t plan_arena(kfac_model *m, char *base)
+static size_t round_bytes(size_t floats) { return (floats * sizeof(float) + 63) / 64 * 64; }
+
+/* Backward steps (0 = first node undone) at which each value's gradient is
+ * first written (by its last consumer; -1 for the logits, written by the
+ * loss) and last read (by its producer). */
+static void grad_lifetimes(const kfac_model *m, int *first, int *last)
+{
+    int steps = m->num_nodes;
+    for (int v = 0; v < m->num_values; v++) {
+        first[v] = steps;
+        last[v] = -1;
+    }
+    for (int i = 0; i < m->num_nodes; i++) {
+        const node *nd = &m->nodes[i];
+        for (int k = 0; k < 2; k++)
+            if (nd->in[k] >= 0 && steps - 1 - i < first[nd->in[k]]) first[nd->in[k]] = steps - 1 - i;
+        last[nd->out] = steps - 1 - i;
+    }
+    first[m->num_values - 1] = -1;
+}
+
+/* Gradient buffers whose lifetimes do not overlap share memory: a value's
+ * gradient is dead once its producer's backward has read it.  Greedy best
+ * fit in order of first write; *bytes receives the gradient region's size. */
+static kfac_status plan_gradients(kfac_model *m, char *base, size_t *bytes)
+{
+    int nv = m->num_values;
+    int *first = malloc(3 * (size_t)nv * sizeof(int));
+    size_t *slot_off = malloc(2 * (size_t)nv * sizeof(size_t));
+    if (!first || !slot_off) {
+        free(first);
+        free(slot_off);
+        return KFAC_ERR(KFAC_ENOMEM, "model: out of memory");
+    }
+    int *last = first + nv, *slot_free_after = last + nv, slots = 0;
+    size_t *slot_size = slot_off + nv, total = 0;
+    grad_lifetimes(m, first, last);
+    for (int t = -1; t < m->num_nodes; t++)
+        for (int v = 1; v < nv; v++) { /* the input needs no gradient */
+            if (first[v] != t) continue;
+            size_t need = round_bytes((size_t)m->max_batch * value_floats(&m->values[v]));
+            int best = -1;
+            for (int s = 0; s < slots; s++)
+                if (slot_free_after[s] < t && slot_size[s] >= need &&
+                    (best < 0 || slot_size[s] < slot_size[best]))
+                    best = s;
+            if (best < 0) {
+                best = slots++;
+                slot_off[best] = total;
+                slot_size[best] = need;
+                total += need;
+            }
+            slot_free_after[best] = last[v];
+            m->values[v].grad = base ? (float *)(base + slot_off[best]) : NULL;
+        }
+    free(first);
+    free(slot_off);
+    *bytes = total;
+    return KFAC_OK;
+}
+
+/* Places activations, BN save buffers and then the shared gradient region
+ * in the arena (at `base`, or nowhere to measure); *bytes gets its size. */
+static kfac_status plan_arena(kfac_model *m, char *base, size_t *bytes)
 {
     size_t off = 0;
 #define CARVE(ptr, floats)                                      \
     do {                                                        \
         (ptr) = base ? (float *)(base + off) : NULL;            \
-        off += ((floats) * sizeof(float) + 63) / 64 * 64;       \
+        off += round_bytes(floats);                             \
     } while (0)
-    for (int i = 0; i < m->num_values; i++) {
-        value *v = &m->values[i];
-        size_t n = (size_t)m->max_batch * value_floats(v);
-        CARVE(v->data, n);
-        if (i > 0) CARVE(v->grad, n); /* the input needs no gradient */
-    }
+    for (int i = 0; i < m->num_values; i++)
+        CARVE(m->values[i].data, (size_t)m->max_batch * value_floats(&m->values[i]));
     for (int i = 0; i < m->num_nodes; i++) {
         node *nd = &m->nodes[i];
         if (nd->kind != KFAC_NODE_BN) continue;
@@ -306,7 +364,10 @@ static size_t plan_arena(kfac_model *m, char *base)
         CARVE(nd->save_invstd, (size_t)m->values[nd->out].c);
     }
 #undef CARVE
-    return off;
+    size_t grads = 0;
+    KFAC_TRY(plan_gradients(m, base ? base + off : NULL, &grads));
+    *bytes = off + grads;
+    return KFAC_OK;
 }
 
 kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed)
@@ -315,7 +376,7 @@ kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed)
     if (m->finalized) return KFAC_ERR(KFAC_EINVAL, "model: finalized twice");
     if (m->num_nodes == 0) return KFAC_ERR(KFAC_EINVAL, "model: no layers");
     kfac_backend *be = m->be;
-    m->arena_bytes = plan_arena(m, NULL);
+    KFAC_TRY(plan_arena(m, NULL, &m->arena_bytes));
     for (int i = 0; i < m->num_nodes; i++) {
         const node *nd = &m->nodes[i];
         if (nd->kind == KFAC_NODE_CONV || nd->kind == KFAC_NODE_FC) {
@@ -328,7 +389,8 @@ kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed)
     KFAC_TRY(be->alloc(be, m->arena_bytes, &m->arena));
     KFAC_TRY(be->alloc(be, m->workspace_bytes ? m->workspace_bytes : 64, &m->workspace));
     KFAC_TRY(be->alloc(be, flat * sizeof(float), &flat_mem));
-    plan_arena(m, m->arena);
+    size_t placed;
+    KFAC_TRY(plan_arena(m, m->arena, &placed));
     m->params_data = flat_mem;
     m->grads_data = m->params_data + m->param_count;
     m->buffers_data = m->grads_data + m->param_count;

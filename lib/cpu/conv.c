@@ -75,32 +75,78 @@ static void split_range(size_t total, int t, int nt, size_t *first, size_t *end)
     *end = total * (size_t)(t + 1) / (size_t)nt;
 }
 
-/* Gathers the patches of output rows [row0, row0+rows) into cols(rows, KD). */
-static void im2col(const kfac_conv_desc *d, const float *x, size_t row0, size_t rows, float *cols)
+/* Patch rows are short (C floats per tap, 3 for the first layer): plain
+ * loops the compiler inlines beat memcpy/memset calls, so GCC is told not
+ * to turn them back into library calls. */
+#define KFAC_INLINE_LOOPS __attribute__((optimize("no-tree-loop-distribute-patterns")))
+
+static inline KFAC_INLINE_LOOPS void copy_floats(float *restrict dst, const float *restrict src,
+                                                 size_t n)
 {
-    const size_t plane = (size_t)d->ho * d->wo, c = (size_t)d->c;
-    for (size_t i = 0; i < rows; i++) {
-        size_t r = row0 + i, n = r / plane, p = r % plane;
-        int oh = (int)(p / d->wo), ow = (int)(p % d->wo);
-        int ih0 = oh * d->stride - d->pad, iw0 = ow * d->stride - d->pad;
+    for (size_t i = 0; i < n; i++) dst[i] = src[i];
+}
+
+static inline KFAC_INLINE_LOOPS void zero_floats(float *dst, size_t n)
+{
+    for (size_t i = 0; i < n; i++) dst[i] = 0.0f;
+}
+
+static inline void add_floats(float *restrict dst, const float *restrict src, size_t n)
+{
+    for (size_t i = 0; i < n; i++) dst[i] += src[i];
+}
+
+/* An output pixel (image, row, column), stepped through in row order
+ * without a division per pixel. */
+typedef struct out_pixel {
+    size_t n;
+    int oh, ow;
+} out_pixel;
+
+static inline out_pixel out_pixel_of(const kfac_conv_desc *d, size_t row)
+{
+    size_t plane = (size_t)d->ho * d->wo, p = row % plane;
+    out_pixel at = {row / plane, (int)(p / d->wo), (int)(p % d->wo)};
+    return at;
+}
+
+static inline void out_pixel_next(const kfac_conv_desc *d, out_pixel *at)
+{
+    if (++at->ow < d->wo) return;
+    at->ow = 0;
+    if (++at->oh < d->ho) return;
+    at->oh = 0;
+    at->n++;
+}
+
+/* Gathers the patches of output rows [row0, row0+rows) into cols(rows, KD). */
+static KFAC_INLINE_LOOPS void im2col(const kfac_conv_desc *d, const float *x, size_t row0,
+                                     size_t rows, float *cols)
+{
+    const size_t c = (size_t)d->c, span = d->kw * c;
+    out_pixel at = out_pixel_of(d, row0);
+    for (size_t i = 0; i < rows; i++, out_pixel_next(d, &at)) {
+        size_t n = at.n;
+        int ih0 = at.oh * d->stride - d->pad, iw0 = at.ow * d->stride - d->pad;
+        int inside = iw0 >= 0 && iw0 + d->kw <= d->w;
         float *dst = cols + i * patch_len(d);
-        for (int kr = 0; kr < d->kh; kr++, dst += d->kw * c) {
+        for (int kr = 0; kr < d->kh; kr++, dst += span) {
             int ih = ih0 + kr;
             if (ih < 0 || ih >= d->h) {
-                memset(dst, 0, d->kw * c * sizeof(float));
+                zero_floats(dst, span);
                 continue;
             }
             const float *src = x + ((n * d->h + ih) * d->w) * c;
-            if (iw0 >= 0 && iw0 + d->kw <= d->w) { /* whole kernel row inside: one copy */
-                memcpy(dst, src + iw0 * c, d->kw * c * sizeof(float));
+            if (inside) { /* the kernel row's taps are contiguous in x */
+                copy_floats(dst, src + iw0 * c, span);
                 continue;
             }
             for (int ks = 0; ks < d->kw; ks++) {
                 int iw = iw0 + ks;
                 if (iw < 0 || iw >= d->w)
-                    memset(dst + ks * c, 0, c * sizeof(float));
+                    zero_floats(dst + ks * c, c);
                 else
-                    memcpy(dst + ks * c, src + iw * c, c * sizeof(float));
+                    copy_floats(dst + ks * c, src + iw * c, c);
             }
         }
     }
@@ -110,18 +156,24 @@ static void im2col(const kfac_conv_desc *d, const float *x, size_t row0, size_t 
 static void col2im_add(const kfac_conv_desc *d, const float *dcols, size_t row0, size_t rows,
                        float *dx)
 {
-    const size_t plane = (size_t)d->ho * d->wo, c = (size_t)d->c;
-    for (size_t i = 0; i < rows; i++) {
-        size_t r = row0 + i, n = r / plane, p = r % plane;
-        int oh = (int)(p / d->wo), ow = (int)(p % d->wo);
+    const size_t c = (size_t)d->c, span = d->kw * c;
+    out_pixel at = out_pixel_of(d, row0);
+    for (size_t i = 0; i < rows; i++, out_pixel_next(d, &at)) {
+        size_t n = at.n;
+        int ih0 = at.oh * d->stride - d->pad, iw0 = at.ow * d->stride - d->pad;
+        int inside = iw0 >= 0 && iw0 + d->kw <= d->w;
         const float *src = dcols + i * patch_len(d);
-        for (int kr = 0; kr < d->kh; kr++) {
-            int ih = oh * d->stride - d->pad + kr;
-            for (int ks = 0; ks < d->kw; ks++, src += c) {
-                int iw = ow * d->stride - d->pad + ks;
-                if (ih < 0 || ih >= d->h || iw < 0 || iw >= d->w) continue;
-                float *dst = dx + ((n * d->h + ih) * d->w + iw) * c;
-                for (size_t j = 0; j < c; j++) dst[j] += src[j];
+        for (int kr = 0; kr < d->kh; kr++, src += span) {
+            int ih = ih0 + kr;
+            if (ih < 0 || ih >= d->h) continue;
+            float *row = dx + ((n * d->h + ih) * d->w) * c;
+            if (inside) {
+                add_floats(row + iw0 * c, src, span);
+                continue;
+            }
+            for (int ks = 0; ks < d->kw; ks++) {
+                int iw = iw0 + ks;
+                if (iw >= 0 && iw < d->w) add_floats(row + iw * c, src + ks * c, c);
             }
         }
     }
@@ -159,8 +211,8 @@ kfac_status kfac__cpu_conv_forward(kfac_backend *be, const kfac_conv_desc *d, co
 
 /* One thread's share of the backward pass over images [n_first, n_end). */
 static void conv_backward_images(const kfac_conv_desc *d, const float *x, const float *w,
-                                 const float *dy, float *dx, int accumulate, thread_ws tw,
-                                 size_t n_first, size_t n_end)
+                                 const float *dy, float *dx, int accumulate, int want_db,
+                                 thread_ws tw, size_t n_first, size_t n_end)
 {
     const size_t plane = (size_t)d->ho * d->wo, kd = patch_len(d), k = (size_t)d->k;
     const size_t cr = chunk_rows(d), image = (size_t)d->h * d->w * d->c;
@@ -179,8 +231,9 @@ static void conv_backward_images(const kfac_conv_desc *d, const float *x, const 
         }
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)k, (int)kd, (int)rows, 1.0f, g,
                     (int)k, a, (int)kd, 1.0f, tw.dw, (int)kd);
-        for (size_t i = 0; i < rows; i++)
-            for (size_t j = 0; j < k; j++) tw.db[j] += g[i * k + j];
+        if (want_db)
+            for (size_t i = 0; i < rows; i++)
+                for (size_t j = 0; j < k; j++) tw.db[j] += g[i * k + j];
         if (!dx) continue;
         if (pointwise) {
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)kd, (int)k,
@@ -204,7 +257,8 @@ kfac_status kfac__cpu_conv_backward(kfac_backend *be, const kfac_conv_desc *d, c
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         size_t first, end;
         split_range((size_t)d->n, t, nt, &first, &end);
-        conv_backward_images(d, x, w, dy, dx, accumulate, thread_ws_at(d, ws, t), first, end);
+        conv_backward_images(d, x, w, dy, dx, accumulate, db != NULL, thread_ws_at(d, ws, t), first,
+                             end);
 #pragma omp barrier
         /* Sum the private partials in thread order (deterministic). */
         size_t lo, hi;

@@ -1,8 +1,6 @@
 /* eltwise.c - CPU element-wise operations: ReLU, residual add (+ReLU),
  * fill, and the fused momentum-SGD update.  Memory-bound loops, split
  * statically over threads. */
-#include <math.h>
-
 #include "cpu/cpu.h"
 
 kfac_status kfac__cpu_fill(kfac_backend *be, float *x, float value, size_t n)
@@ -15,7 +13,7 @@ kfac_status kfac__cpu_fill(kfac_backend *be, float *x, float value, size_t n)
 kfac_status kfac__cpu_relu_forward(kfac_backend *be, size_t n, const float *x, float *y)
 {
 #pragma omp parallel for num_threads(be->threads) schedule(static)
-    for (size_t i = 0; i < n; i++) y[i] = fmaxf(x[i], 0.0f);
+    for (size_t i = 0; i < n; i++) y[i] = x[i] > 0.0f ? x[i] : 0.0f;
     return KFAC_OK;
 }
 
@@ -36,7 +34,7 @@ kfac_status kfac__cpu_add_forward(kfac_backend *be, size_t n, const float *a, co
 #pragma omp parallel for num_threads(be->threads) schedule(static)
     for (size_t i = 0; i < n; i++) {
         float v = a[i] + b[i];
-        y[i] = relu ? fmaxf(v, 0.0f) : v;
+        y[i] = relu && v < 0.0f ? 0.0f : v;
     }
     return KFAC_OK;
 }
