@@ -115,14 +115,26 @@ static void test_defaults(void)
           "schedule decay window");
     CHECK(job.train.epochs == 15 && job.train.batch_size == 128 && job.train.eval_batch_size == 1000 &&
               job.train.seed == 1 && job.train.threads == 0 && job.train.label_smoothing == 0 &&
-              job.train.max_steps == 0,
+              job.train.max_steps == 0 && job.train.precise_bn_images == 0,
           "train");
+    CHECK(!strcmp(job.optimizer.kfac.fisher, "empirical") && !strcmp(job.optimizer.kfac.inverse, "eig") &&
+              !job.optimizer.kfac.exact_kronecker && job.optimizer.kfac.factor_decay == 0.95f &&
+              job.optimizer.kfac.factor_interval == 10 && job.optimizer.kfac.inverse_interval == 10 &&
+              job.optimizer.kfac.warmup_steps == 20 && job.optimizer.kfac.adaptive_threshold == 0 &&
+              job.optimizer.kfac.max_interval == 100,
+          "optimizer.kfac intervals");
+    CHECK(job.optimizer.kfac.damping == 1e-3f && job.optimizer.kfac.damping_decay == 1 &&
+              job.optimizer.kfac.damping_min == 0 && job.optimizer.kfac.kl_clip == 1e-3f &&
+              job.optimizer.kfac.subsample == 1 && !strcmp(job.optimizer.kfac.bn, "unitwise") &&
+              !strcmp(job.optimizer.kfac.exclude, ""),
+          "optimizer.kfac damping");
     CHECK(!strcmp(job.output.dir, "runs/job") && !strcmp(job.output.metrics, "metrics.jsonl"), "output");
     CHECK_OK(kfac_job_validate(&job));
 
     CHECK_OK(kfac_job_load(&loaded, NULL, 0, NULL));
     CHECK(same_job(&job, &loaded), "no file, no --set: the defaults");
-    const char *empties[] = {"", "# only a comment\n", "---\n", "model:\noptimizer: ~\n"};
+    const char *empties[] = {"", "# only a comment\n", "---\n", "model:\noptimizer: ~\n",
+                             "optimizer:\n  kfac:\n", "optimizer: {kfac: {}}\n"};
     for (size_t i = 0; i < sizeof empties / sizeof empties[0]; i++) {
         CHECK_OK(load_text(&loaded, empties[i], 0, NULL));
         CHECK(same_job(&job, &loaded), "'%s' gives the defaults", empties[i]);
@@ -213,7 +225,7 @@ static void test_file_errors(void)
                  "  momentun: 0.8\n",
                  KFAC_EINVAL,
                  ":5:3: unknown key 'momentun' in section 'optimizer' "
-                 "(known: name, momentum, nesterov, weight_decay, decay_bn_and_bias)");
+                 "(known: name, momentum, nesterov, weight_decay, decay_bn_and_bias, kfac)");
     EXPECT_ERROR("# comment\noptimiser:\n  momentum: 0.9\n", KFAC_EINVAL,
                  ":2:1: unknown section 'optimiser' (known: model, data, optimizer, schedule, train, output)");
     EXPECT_ERROR("optimizer:\n  momentum: 0.9\n  nesterov: a: b\n", KFAC_EFORMAT,
@@ -272,7 +284,7 @@ static void test_range_errors(void)
                  ":2:9: model.name: must be one of resnet8-fmnist|resnet20|resnet32|resnet18|resnet34|resnet50, "
                  "got 'resnet9'");
     EXPECT_ERROR("data:\n  format: hdf5\n", KFAC_EINVAL, ":2:11: data.format: must be one of idx, got 'hdf5'");
-    EXPECT_ERROR("optimizer:\n  name: adam\n", KFAC_EINVAL, ":2:9: optimizer.name: must be one of sgd, got 'adam'");
+    EXPECT_ERROR("optimizer:\n  name: adam\n", KFAC_EINVAL, ":2:9: optimizer.name: must be one of sgd|kfac, got 'adam'");
     EXPECT_ERROR("output:\n  dir: ''\n", KFAC_EINVAL, ":2:8: output.dir: must not be empty");
     EXPECT_ERROR("schedule:\n  decay_start_epoch: 10\n  decay_end_epoch: 5\n", KFAC_EINVAL,
                  ":3:20: schedule.decay_end_epoch: must be after decay_start_epoch (10), got 5");
@@ -298,6 +310,83 @@ static void test_set_errors(void)
     EXPECT_SET_ERROR("train:\n  epochs: 3\n", "train.epochs=0", "--set train.epochs: must be >= 1, got 0");
     /* file errors come before --set ones */
     EXPECT_ERROR("train:\n  epochs: x\n", KFAC_EINVAL, ":2:11: train.epochs: expected an integer, got 'x'");
+}
+
+/* Nested sections: optimizer.kfac.* in files, --set, errors and describe. */
+static void test_nested(void)
+{
+    kfac_job job;
+    CHECK_OK(load_text(&job,
+                       "optimizer:\n"
+                       "  name: kfac\n"
+                       "  kfac:\n"
+                       "    fisher: sampled\n"
+                       "    inverse: cholesky\n"
+                       "    damping: 0.03\n"
+                       "    exclude: 'fc,layer1.*'\n"
+                       "  momentum: 0.8\n" /* a parent key after the nested mapping */
+                       "train:\n"
+                       "  precise_bn_images: 4096\n",
+                       0, NULL));
+    CHECK(!strcmp(job.optimizer.name, "kfac") && job.optimizer.momentum == 0.8f, "optimizer keys beside kfac");
+    CHECK(!strcmp(job.optimizer.kfac.fisher, "sampled") && !strcmp(job.optimizer.kfac.inverse, "cholesky") &&
+              job.optimizer.kfac.damping == 0.03f && !strcmp(job.optimizer.kfac.exclude, "fc,layer1.*"),
+          "nested keys");
+    CHECK(job.optimizer.kfac.factor_interval == 10 && !strcmp(job.optimizer.kfac.bn, "unitwise"), "untouched nested keys");
+    CHECK(job.train.precise_bn_images == 4096, "precise_bn_images");
+    CHECK_OK(load_text(&job, "optimizer: {kfac: {bn: diagonal, exact_kronecker: yes, subsample: 0.25}}\n", 0, NULL));
+    CHECK(!strcmp(job.optimizer.kfac.bn, "diagonal") && job.optimizer.kfac.exact_kronecker == 1 &&
+              job.optimizer.kfac.subsample == 0.25f,
+          "flow style");
+    CHECK_OK(load_text(&job, "optimizer:\n  kfac:\n    exclude:\n", 0, NULL));
+    CHECK(!strcmp(job.optimizer.kfac.exclude, ""), "exclude may be empty");
+
+    const char *sets[] = {"optimizer.kfac.damping=1e-2", "optimizer.kfac.max_interval = 50",
+                          "optimizer.kfac.exclude="};
+    CHECK_OK(load_text(&job, "optimizer:\n  kfac:\n    damping: 0.5\n    exclude: fc\n", 3, sets));
+    CHECK(job.optimizer.kfac.damping == 1e-2f && job.optimizer.kfac.max_interval == 50 &&
+              !job.optimizer.kfac.exclude[0],
+          "--set of nested keys beats the file");
+
+    EXPECT_ERROR("optimizer:\n  momentum: 0.9\n  kfac:\n    damping: 0.1\n    dampin: 1\n", KFAC_EINVAL,
+                 ":5:5: unknown key 'dampin' in section 'optimizer.kfac' (known: fisher, inverse, exact_kronecker, "
+                 "factor_decay, factor_interval, inverse_interval, warmup_steps, adaptive_threshold, max_interval, "
+                 "damping, damping_decay, damping_min, kl_clip, subsample, bn, exclude)");
+    EXPECT_ERROR("optimizer:\n  kfac:\n    damping: big\n", KFAC_EINVAL,
+                 ":3:14: optimizer.kfac.damping: expected a number, got 'big'");
+    EXPECT_ERROR("optimizer:\n  kfac:\n    factor_interval: [1]\n", KFAC_EINVAL,
+                 ":3:22: optimizer.kfac.factor_interval: expected an integer, got a list");
+    EXPECT_ERROR("optimizer:\n  kfac:\n    damping: 0\n", KFAC_EINVAL, ":3:14: optimizer.kfac.damping: must be > 0, got 0");
+    EXPECT_ERROR("optimizer:\n  kfac:\n    subsample: 1.5\n", KFAC_EINVAL,
+                 ":3:16: optimizer.kfac.subsample: must be in (0, 1], got 1.5");
+    EXPECT_ERROR("optimizer:\n  kfac:\n    factor_decay: 1\n", KFAC_EINVAL,
+                 ":3:19: optimizer.kfac.factor_decay: must be in [0, 1), got 1");
+    EXPECT_ERROR("optimizer:\n  kfac:\n    fisher: true\n", KFAC_EINVAL,
+                 ":3:13: optimizer.kfac.fisher: must be one of empirical|sampled, got 'true'");
+    EXPECT_ERROR("optimizer:\n  kfac:\n    bn: ''\n", KFAC_EINVAL, ":3:9: optimizer.kfac.bn: must not be empty");
+    EXPECT_ERROR("train:\n  precise_bn_images: -1\n", KFAC_EINVAL, ":2:22: train.precise_bn_images: must be >= 0, got -1");
+    EXPECT_ERROR("optimizer: {kfac: 3}\n", KFAC_EINVAL, ":1:19: section 'optimizer.kfac' must be a mapping of keys, got a scalar");
+    EXPECT_ERROR("optimizer:\n  kfac:\n    - damping\n", KFAC_EINVAL,
+                 ":3:5: section 'optimizer.kfac' must be a mapping of keys, got a list");
+    EXPECT_ERROR("optimizer:\n  kfac:\n    damping:\n      x: 1\n", KFAC_EINVAL,
+                 ":4:7: optimizer.kfac.damping: expected a number, got a mapping");
+    EXPECT_ERROR("kfac:\n  damping: 1\n", KFAC_EINVAL, ":1:1: unknown section 'kfac' (known: model, data,");
+    EXPECT_ERROR("optimizer:\n  kfac.damping: 1\n", KFAC_EINVAL, ":2:3: unknown key 'kfac.damping' in section 'optimizer'");
+    EXPECT_ERROR("optimizer:\n  kfac: {}\n  kfac: {}\n", KFAC_EFORMAT, ":3:3: duplicate key 'kfac' (first at line 2)");
+
+    EXPECT_SET_ERROR(NULL, "optimizer.kfac.dampin=1",
+                     "--set optimizer.kfac.dampin: unknown key 'dampin' in section 'optimizer.kfac' (known: fisher, "
+                     "inverse,");
+    EXPECT_SET_ERROR(NULL, "optimizer.kfc.damping=1",
+                     "--set optimizer.kfc.damping: unknown key 'kfc' in section 'optimizer' (known: name, momentum, "
+                     "nesterov, weight_decay, decay_bn_and_bias, kfac)");
+    EXPECT_SET_ERROR(NULL, "optimizer.kfac=1",
+                     "--set optimizer.kfac: 'optimizer.kfac' is a section, not a key (its keys: fisher, inverse,");
+    EXPECT_SET_ERROR(NULL, "optimizer=1", "--set 'optimizer=1': expected section.key=value");
+    EXPECT_SET_ERROR(NULL, "optimizer.momentum.x=1", "--set optimizer.momentum.x: 'optimizer.momentum' is a key, not a section");
+    EXPECT_SET_ERROR(NULL, "optimizer.kfac.damping=-1", "--set optimizer.kfac.damping: must be > 0, got -1");
+    EXPECT_SET_ERROR(NULL, "optimizer.kfac.warmup_steps=x", "--set optimizer.kfac.warmup_steps: expected an integer, got 'x'");
+    EXPECT_SET_ERROR(NULL, "optimizer.kfac.inverse=", "--set optimizer.kfac.inverse: must not be empty");
 }
 
 static void test_missing_file_and_failure_keeps_job(void)
@@ -332,6 +421,11 @@ static void test_validate(void)
     kfac_job_defaults(&job);
     job.schedule.num_milestones = 17;
     CHECK(kfac_job_validate(&job) == KFAC_EINVAL, "milestone count beyond the array");
+    kfac_job_defaults(&job);
+    job.optimizer.kfac.subsample = 0;
+    CHECK(kfac_job_validate(&job) == KFAC_EINVAL &&
+              !strcmp(kfac_last_error(), "optimizer.kfac.subsample: must be in (0, 1], got 0"),
+          "got '%s'", kfac_last_error());
 }
 
 static void test_round_trip(void)
@@ -341,7 +435,15 @@ static void test_round_trip(void)
                           "data.mean=0.1234567", "data.std=3e-7", "optimizer.momentum=0.999",
                           "schedule.decay=poly", "schedule.decay_start_epoch=2.5", "schedule.decay_end_epoch=7",
                           "schedule.milestones=0.1,2,1e3", "train.seed=12345678901234", "train.max_steps=77",
-                          "output.metrics=m.jsonl"};
+                          "output.metrics=m.jsonl", "optimizer.name=kfac", "optimizer.kfac.fisher=sampled",
+                          "optimizer.kfac.inverse=cholesky", "optimizer.kfac.exact_kronecker=on",
+                          "optimizer.kfac.factor_decay=0.9", "optimizer.kfac.factor_interval=3",
+                          "optimizer.kfac.inverse_interval=7", "optimizer.kfac.warmup_steps=0",
+                          "optimizer.kfac.adaptive_threshold=0.05", "optimizer.kfac.max_interval=64",
+                          "optimizer.kfac.damping=0.0123", "optimizer.kfac.damping_decay=0.5",
+                          "optimizer.kfac.damping_min=1e-5", "optimizer.kfac.kl_clip=0",
+                          "optimizer.kfac.subsample=0.3", "optimizer.kfac.bn=sgd",
+                          "optimizer.kfac.exclude=fc, \"layer1.*\": #x", "train.precise_bn_images=1000"};
     int nset = sizeof sets / sizeof sets[0];
     CHECK_OK(kfac_job_load(&job, NULL, nset, sets));
     const char *path = tmp_file("");
@@ -351,8 +453,28 @@ static void test_round_trip(void)
     CHECK(!strcmp(back.data.path, "/d/\"q\" \\ x: #y") && back.data.mean == 0.1234567f && back.data.std == 3e-7f &&
               back.train.seed == 12345678901234u && back.schedule.milestones[2] == 1000,
           "spot checks");
+    CHECK(!strcmp(back.optimizer.kfac.exclude, "fc, \"layer1.*\": #x") && back.optimizer.kfac.damping == 0.0123f &&
+              back.optimizer.kfac.exact_kronecker == 1 && back.optimizer.kfac.max_interval == 64 &&
+              back.train.precise_bn_images == 1000,
+          "nested spot checks");
     char *text = read_text(path);
-    CHECK(text && strstr(text, "\noptimizer:\n  name: \"sgd\"\n  momentum: 0.999\n"), "grouped, short floats:\n%s", text);
+    CHECK(text, "%s is readable", path);
+    if (!text) return;
+    CHECK(strstr(text, "\noptimizer:\n  name: \"kfac\"\n  momentum: 0.999\n"), "grouped, short floats:\n%s", text);
+    CHECK(strstr(text, "  decay_bn_and_bias: false\n  kfac:\n    fisher: \"sampled\"\n"
+                               "    inverse: \"cholesky\"\n    exact_kronecker: true\n"),
+          "nested mapping, indented:\n%s", text);
+    CHECK(strstr(text, "    exclude: \"fc, \\\"layer1.*\\\": #x\"\n\nschedule:\n  lr: 0.1\n"),
+          "back to the top level after the nested mapping:\n%s", text);
+    free(text);
+
+    /* the defaults round-trip too (empty exclude) */
+    kfac_job_defaults(&job);
+    CHECK_OK(kfac_job_write_yaml(&job, path));
+    CHECK_OK(kfac_job_load(&back, path, 0, NULL));
+    CHECK(same_job(&job, &back), "defaults: write -> load gives the same job");
+    text = read_text(path);
+    CHECK(text && strstr(text, "\n    exclude: \"\"\n"), "empty exclude:\n%s", text ? text : "(unreadable)");
     free(text);
 }
 
@@ -364,6 +486,12 @@ static void test_describe(void)
     CHECK(strstr(text, "optimizer.momentum (float, default 0.9, in [0, 1))\n    momentum coefficient\n"), "%s", text);
     CHECK(strstr(text, "schedule.milestones (float list, default [], >= 0)"), "list key");
     CHECK(strstr(text, "model.name (string, default resnet8-fmnist, one of resnet8-fmnist|"), "choices");
+    CHECK(strstr(text, "\noptimizer.kfac.damping (float, default 1e-3, > 0)\n    Tikhonov damping lambda;"), "nested key");
+    CHECK(strstr(text, "\n\noptimizer.kfac.fisher (string, default empirical, one of empirical|sampled)\n"),
+          "nested section starts after a blank line");
+    CHECK(strstr(text, "optimizer.kfac.subsample (float, default 1, in (0, 1])\n"), "half-open range");
+    CHECK(strstr(text, "optimizer.kfac.exclude (string, default \"\")\n"), "empty default shown as \"\"");
+    CHECK(strstr(text, "train.precise_bn_images (int, default 0, >= 0)\n"), "precise_bn_images");
     CHECK(kfac_job_describe(small, sizeof small) == n && strlen(small) == sizeof small - 1, "truncates like snprintf");
 
     /* jobs/README.md documents every key (as `section.key`) */
@@ -401,6 +529,7 @@ int main(void)
     test_file_errors();
     test_range_errors();
     test_set_errors();
+    test_nested();
     test_missing_file_and_failure_keeps_job();
     test_validate();
     test_round_trip();

@@ -3,6 +3,7 @@
  * against central finite differences of the mean loss, evaluated in double
  * from the float forward), eval-mode chunking, BN train/eval semantics,
  * determinism, and no allocation after finalize. */
+#include <malloc.h>
 #include <string.h>
 
 #include "kfac/kfac_resnet.h"
@@ -161,6 +162,28 @@ static void check_determinism(void)
     free(result[1]);
 }
 
+/* After finalize (and one warm-up step, which lets OpenMP and OpenBLAS
+ * start their threads), training steps allocate nothing: the heap in use
+ * stays the same across further steps. */
+static void check_no_allocation(void)
+{
+    unsigned long long seed = 4;
+    int32_t labels[BATCH];
+    kfac_model *m = small_model("resnet20", 3, 8, 16, &seed, labels);
+    if (!m) return;
+    mean_loss(m, labels);
+    CHECK_OK(kfac_model_backward(m, g_batch));
+    size_t before = mallinfo2().uordblks;
+    for (int step = 0; step < 3; step++) {
+        mean_loss(m, labels);
+        CHECK_OK(kfac_model_backward(m, g_batch));
+        CHECK_OK(kfac_model_forward(m, g_batch, KFAC_MODE_EVAL));
+    }
+    size_t after = mallinfo2().uordblks;
+    CHECK(after == before, "heap in use grew from %zu to %zu bytes during steps", before, after);
+    kfac_model_free(m);
+}
+
 int main(void)
 {
     CHECK_OK(kfac_backend_get("cpu", 2, &be));
@@ -173,6 +196,7 @@ int main(void)
     check_gradient("resnet50", 3, 8, 64, 0.05); /* bottlenecks */
     check_eval();
     check_determinism();
+    check_no_allocation();
     kfac_backend_free(be);
     return test_summary("test_model");
 }

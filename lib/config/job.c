@@ -4,6 +4,11 @@
  *
  * Adding a key is one KEY(...) line below plus its member in kfac_job.
  *
+ * A key's path is "section.key" where the section may itself be nested,
+ * "optimizer.kfac.damping": the section is everything before the last dot,
+ * and in YAML each dot is one level of mapping.  Sections are not listed
+ * anywhere; they exist because keys name them.
+ *
  * Every message about a key starts with where its value came from:
  * "FILE:LINE:COL: section.key", "--set section.key", or just "section.key"
  * for a struct handed to kfac_job_validate. */
@@ -56,21 +61,25 @@ static const struct {
      0 * sizeof(char[sizeof(((kfac_job *)0)->m) == TYPE_SIZE(type) ? 1 : -1]))
 
 /* Allowed values.  Numbers (and each list item) must lie between lo and hi;
- * strings must be non-empty and, with one_of, one of its '|'-separated words. */
+ * strings must be non-empty (unless empty_ok) and, with one_of, one of its
+ * '|'-separated words. */
 typedef struct limits {
     double lo, hi;
     unsigned char lo_open, hi_open; /* bound itself excluded */
     const char *one_of;
+    unsigned char empty_ok; /* strings: "" allowed */
 } limits;
 
-#define ANY {-INFINITY, INFINITY, 0, 0, NULL}
-#define AT_LEAST(a) {(a), INFINITY, 0, 0, NULL}
-#define ABOVE(a) {(a), INFINITY, 1, 0, NULL}
-#define UNIT {0, 1, 0, 1, NULL} /* [0, 1) */
-#define ONE_OF(words) {-INFINITY, INFINITY, 0, 0, (words)}
+#define ANY {-INFINITY, INFINITY, 0, 0, NULL, 0}
+#define AT_LEAST(a) {(a), INFINITY, 0, 0, NULL, 0}
+#define ABOVE(a) {(a), INFINITY, 1, 0, NULL, 0}
+#define UNIT {0, 1, 0, 1, NULL, 0}     /* [0, 1) */
+#define FRACTION {0, 1, 1, 0, NULL, 0} /* (0, 1] */
+#define EMPTY_OK {-INFINITY, INFINITY, 0, 0, NULL, 1} /* any string, "" too */
+#define ONE_OF(words) {-INFINITY, INFINITY, 0, 0, (words), 0}
 
 typedef struct key_spec {
-    const char *path;    /* "section.key" */
+    const char *path;    /* "section.key", the section perhaps nested: "optimizer.kfac.damping" */
     key_type type;
     size_t offset;       /* of the value in kfac_job */
     size_t count_offset; /* float lists: of the int item count */
@@ -84,7 +93,8 @@ typedef struct key_spec {
 #define LIST(sec, key, count, def, check, help) \
     {#sec "." #key, T_FLIST, MEMBER(sec.key, T_FLIST), MEMBER(sec.count, T_INT), def, check, help}
 
-/* Keys of one section must be adjacent: sections are found by scanning. */
+/* The keys of a section, its nested sections' included, must be adjacent:
+ * write_yaml opens each section once, where its first key is. */
 static const key_spec KEYS[] = {
     KEY(model, name, T_STR, "resnet8-fmnist",
         ONE_OF("resnet8-fmnist|resnet20|resnet32|resnet18|resnet34|resnet50"), "network architecture"),
@@ -98,12 +108,41 @@ static const key_spec KEYS[] = {
     KEY(data, mean, T_FLOAT, "0.2860", ANY, "normalisation mean of pixel values scaled to [0, 1]"),
     KEY(data, std, T_FLOAT, "0.3530", ABOVE(0), "normalisation standard deviation"),
 
-    KEY(optimizer, name, T_STR, "sgd", ONE_OF("sgd"), "optimizer"),
+    KEY(optimizer, name, T_STR, "sgd", ONE_OF("sgd|kfac"),
+        "optimizer (kfac: K-FAC preconditioning, configured by optimizer.kfac, then this SGD)"),
     KEY(optimizer, momentum, T_FLOAT, "0.9", UNIT, "momentum coefficient"),
     KEY(optimizer, nesterov, T_BOOL, "true", ANY, "use Nesterov momentum"),
     KEY(optimizer, weight_decay, T_FLOAT, "5e-4", AT_LEAST(0), "L2 weight decay coefficient"),
     KEY(optimizer, decay_bn_and_bias, T_BOOL, "false", ANY,
         "apply weight decay to batch-norm parameters and biases too"),
+    KEY(optimizer.kfac, fisher, T_STR, "empirical", ONE_OF("empirical|sampled"),
+        "Fisher estimate: gradients of the real loss (empirical) or of labels sampled from the model "
+        "(sampled; one extra backward)"),
+    KEY(optimizer.kfac, inverse, T_STR, "eig", ONE_OF("cholesky|eig"),
+        "how the damped factors are inverted: Cholesky or eigendecomposition"),
+    KEY(optimizer.kfac, exact_kronecker, T_BOOL, "false", ANY,
+        "eig only: exact damped Kronecker inverse 1/(d_G d_A + damping) instead of the factored pi-corrected one"),
+    KEY(optimizer.kfac, factor_decay, T_FLOAT, "0.95", UNIT,
+        "running average of the factors: new = decay * old + (1 - decay) * batch"),
+    KEY(optimizer.kfac, factor_interval, T_INT, "10", AT_LEAST(1), "steps between factor refreshes after warm-up"),
+    KEY(optimizer.kfac, inverse_interval, T_INT, "10", AT_LEAST(1), "steps between inversions after warm-up"),
+    KEY(optimizer.kfac, warmup_steps, T_INT, "20", AT_LEAST(0), "factors and inverses refresh every step before this step"),
+    KEY(optimizer.kfac, adaptive_threshold, T_FLOAT, "0", AT_LEAST(0),
+        "SP-NGD: >0 doubles a layer's refresh interval while its factors change by less than this "
+        "(relative Frobenius) between refreshes"),
+    KEY(optimizer.kfac, max_interval, T_INT, "100", AT_LEAST(1), "cap of the adaptive refresh interval"),
+    KEY(optimizer.kfac, damping, T_FLOAT, "1e-3", ABOVE(0),
+        "Tikhonov damping lambda; damped factors A + pi*sqrt(lambda) I and G + sqrt(lambda)/pi I"),
+    KEY(optimizer.kfac, damping_decay, T_FLOAT, "1", FRACTION,
+        "lambda(epoch) = max(damping_min, damping * damping_decay^epoch)"),
+    KEY(optimizer.kfac, damping_min, T_FLOAT, "0", AT_LEAST(0), "lower bound of the decayed damping"),
+    KEY(optimizer.kfac, kl_clip, T_FLOAT, "1e-3", AT_LEAST(0),
+        "KL clipping: bound on the size of the preconditioned step (0: off)"),
+    KEY(optimizer.kfac, subsample, T_FLOAT, "1", FRACTION, "fraction of each batch used to estimate the factors"),
+    KEY(optimizer.kfac, bn, T_STR, "unitwise", ONE_OF("unitwise|diagonal|sgd"),
+        "batch-norm layers: unit-wise Fisher (a 2x2 block per channel), a diagonal Fisher, or plain SGD"),
+    KEY(optimizer.kfac, exclude, T_STR, "", EMPTY_OK,
+        "comma-separated shell patterns of layer names kept on plain SGD, e.g. 'fc,layer1.*'"),
 
     KEY(schedule, lr, T_FLOAT, "0.1", ABOVE(0), "peak learning rate, reached at the end of warm-up"),
     KEY(schedule, warmup_epochs, T_FLOAT, "1", AT_LEAST(0), "epochs of linear warm-up from warmup_start_lr to lr"),
@@ -125,6 +164,8 @@ static const key_spec KEYS[] = {
     KEY(train, threads, T_INT, "0", AT_LEAST(0), "compute threads (0: all cores)"),
     KEY(train, label_smoothing, T_FLOAT, "0", UNIT, "label smoothing of the cross-entropy loss"),
     KEY(train, max_steps, T_INT, "0", AT_LEAST(0), "stop after this many steps in total (0: no limit)"),
+    KEY(train, precise_bn_images, T_INT, "0", AT_LEAST(0),
+        "before each evaluation, recompute BN running statistics over this many training images (0: off)"),
 
     KEY(output, dir, T_STR, "runs/job", ANY, "output folder, created if missing"),
     KEY(output, metrics, T_STR, "metrics.jsonl", ANY, "JSON-lines metrics file inside output.dir"),
@@ -167,61 +208,76 @@ static char *trim(char *s)
     return s;
 }
 
-/* "optimizer" in "optimizer.momentum": its length, and the part after it. */
-static size_t section_len(const char *path) { return (size_t)(strchr(path, '.') - path); }
-static const char *key_name(const char *path) { return strchr(path, '.') + 1; }
+/* The section of a key path, "optimizer.kfac" in "optimizer.kfac.damping":
+ * its length, and the key's name after it. */
+static size_t section_len(const char *path) { return (size_t)(strrchr(path, '.') - path); }
+static const char *key_name(const char *path) { return strrchr(path, '.') + 1; }
 
-static int in_section(const key_spec *k, const char *sec, size_t len)
+static int same_section(const char *a, const char *b)
 {
-    return section_len(k->path) == len && strncmp(k->path, sec, len) == 0;
+    return section_len(a) == section_len(b) && strncmp(a, b, section_len(a)) == 0;
 }
 
-static int starts_section(int i)
+/* Whether key `k` lies in section `sec` (`len` bytes; 0: the top level) or
+ * in a section nested in it; if so *child is what follows "sec.", and
+ * *child_len the length of its first component (a key or a section name). */
+static int under(const key_spec *k, const char *sec, size_t len, const char **child, size_t *child_len)
 {
-    return i == 0 || !in_section(&KEYS[i - 1], KEYS[i].path, section_len(KEYS[i].path));
+    if (len && (strncmp(k->path, sec, len) != 0 || k->path[len] != '.')) return 0;
+    *child = k->path + (len ? len + 1 : 0);
+    *child_len = strcspn(*child, ".");
+    return 1;
 }
 
-/* Index of key `name` in section `sec` (`len` bytes), or -1; with a NULL
- * name, of the section's first key. */
-static int find_key(const char *sec, size_t len, const char *name)
+/* The entry `name` directly inside section `sec` (`len` bytes; 0: the top
+ * level): the index of the key, or of the first key of the nested section
+ * (*is_section set), or -1 when there is none. */
+static int find_child(const char *sec, size_t len, const char *name, int *is_section)
 {
-    for (int i = 0; i < NKEYS; i++)
-        if (in_section(&KEYS[i], sec, len) && (!name || strcmp(key_name(KEYS[i].path), name) == 0))
+    size_t n = strlen(name);
+    for (int i = 0; i < NKEYS; i++) {
+        const char *child;
+        size_t clen;
+        if (under(&KEYS[i], sec, len, &child, &clen) && clen == n && strncmp(child, name, n) == 0) {
+            *is_section = child[n] == '.';
             return i;
+        }
+    }
     return -1;
 }
 
 static int find_path(const char *path)
 {
-    int i = find_key(path, section_len(path), key_name(path));
-    assert(i >= 0 && "path is in KEYS");
-    return i;
+    for (int i = 0; i < NKEYS; i++)
+        if (strcmp(KEYS[i].path, path) == 0) return i;
+    assert(!"path is in KEYS");
+    return -1;
 }
 
-/* "name, momentum, ..." for section `sec`, or the section names when NULL. */
+/* "name, momentum, ..., kfac": the keys and nested sections directly inside
+ * section `sec` (`len` bytes; 0: the top-level sections), in schema order. */
 static void known_names(char *buf, size_t cap, const char *sec, size_t len)
 {
     strbuf sb = sb_init(buf, cap);
     for (int i = 0; i < NKEYS; i++) {
-        const char *path = KEYS[i].path;
-        if (sec && in_section(&KEYS[i], sec, len))
-            sb_add(&sb, "%s%s", sb.len ? ", " : "", key_name(path));
-        else if (!sec && starts_section(i))
-            sb_add(&sb, "%s%.*s", sb.len ? ", " : "", (int)section_len(path), path);
+        const char *child, *prev;
+        size_t clen, plen;
+        if (!under(&KEYS[i], sec, len, &child, &clen)) continue;
+        int seen = 0; /* a section's name once, not once per key in it */
+        for (int j = 0; j < i && !seen; j++)
+            seen = under(&KEYS[j], sec, len, &prev, &plen) && plen == clen && strncmp(prev, child, clen) == 0;
+        if (!seen) sb_add(&sb, "%s%.*s", sb.len ? ", " : "", (int)clen, child);
     }
 }
 
-/* Unknown section `sec`, or unknown key `name` in a known one. */
+/* `name` is not in section `sec` (`len` bytes; 0: not a top-level section). */
 static kfac_status unknown_name(const char *prefix, const char *sec, size_t len, const char *name)
 {
-    char known[512];
-    if (find_key(sec, len, NULL) < 0) {
-        known_names(known, sizeof known, NULL, 0);
-        return KFAC_ERR(KFAC_EINVAL, "%s: unknown section '%.*s' (known: %s)", prefix, (int)len, sec, known);
-    }
+    char known[1024];
     known_names(known, sizeof known, sec, len);
-    return KFAC_ERR(KFAC_EINVAL, "%s: unknown key '%s' in section '%.*s' (known: %s)", prefix, name,
-                    (int)len, sec, known);
+    if (!len) return KFAC_ERR(KFAC_EINVAL, "%s: unknown section '%s' (known: %s)", prefix, name, known);
+    return KFAC_ERR(KFAC_EINVAL, "%s: unknown key '%s' in section '%.*s' (known: %s)", prefix, name, (int)len,
+                    sec, known);
 }
 
 /* ---- where values come from ---- */
@@ -386,25 +442,27 @@ static kfac_status expect_name(const ytree *key, const char *file)
                     ytree_kind_name(key->kind));
 }
 
-static kfac_status apply_section(kfac_job *job, const ytree *name, const ytree *body, source *src)
-{
-    char prefix[WHERE_CAP];
-    KFAC_TRY(expect_name(name, src->file));
-    size_t len = strlen(name->text);
-    snprintf(prefix, sizeof prefix, "%s:%d:%d", src->file, name->line, name->col);
-    if (find_key(name->text, len, NULL) < 0) return unknown_name(prefix, name->text, len, NULL);
-    if (ytree_is_null(body)) return KFAC_OK; /* "optimizer:" with every key commented out */
-    if (body->kind != YTREE_MAP)
-        return KFAC_ERR(KFAC_EINVAL, "%s:%d:%d: section '%s' must be a mapping of keys, got %s",
-                        src->file, body->line, body->col, name->text, ytree_kind_name(body->kind));
+static kfac_status apply_section(kfac_job *job, const char *sec, const ytree *body, source *src);
 
+/* Applies mapping `body`, the contents of section `sec` (`len` bytes; 0: the
+ * whole file), whose entries are keys or nested sections. */
+static kfac_status apply_map(kfac_job *job, const char *sec, size_t len, const ytree *body, source *src)
+{
     for (int j = 0; j < body->n; j++) {
         const ytree *key = body->kids[2 * j], *value = body->kids[2 * j + 1];
         KFAC_TRY(expect_name(key, src->file));
-        int i = find_key(name->text, len, key->text);
+        int is_section = 0, i = find_child(sec, len, key->text, &is_section);
         if (i < 0) {
+            char prefix[WHERE_CAP];
             snprintf(prefix, sizeof prefix, "%s:%d:%d", src->file, key->line, key->col);
-            return unknown_name(prefix, name->text, len, key->text);
+            return unknown_name(prefix, sec, len, key->text);
+        }
+        if (is_section) {
+            /* fits: the name matched part of a key path, and those are short */
+            char nested[KFAC_JOB_STR];
+            snprintf(nested, sizeof nested, "%.*s%s%s", (int)len, sec, len ? "." : "", key->text);
+            KFAC_TRY(apply_section(job, nested, value, src));
+            continue;
         }
         src->at[i] = (origin){value->line, value->col};
         KFAC_TRY(set_from_node(job, &KEYS[i], value, src->file));
@@ -412,18 +470,48 @@ static kfac_status apply_section(kfac_job *job, const ytree *name, const ytree *
     return KFAC_OK;
 }
 
+/* Applies `body`, the value of section `sec` ("optimizer", "optimizer.kfac"). */
+static kfac_status apply_section(kfac_job *job, const char *sec, const ytree *body, source *src)
+{
+    if (ytree_is_null(body)) return KFAC_OK; /* "optimizer:" with every key commented out */
+    if (body->kind != YTREE_MAP)
+        return KFAC_ERR(KFAC_EINVAL, "%s:%d:%d: section '%s' must be a mapping of keys, got %s", src->file,
+                        body->line, body->col, sec, ytree_kind_name(body->kind));
+    return apply_map(job, sec, strlen(sec), body, src);
+}
+
 static kfac_status apply_tree(kfac_job *job, const ytree *root, source *src)
 {
     if (!root || ytree_is_null(root)) return KFAC_OK; /* empty file: all defaults */
     if (root->kind != YTREE_MAP) {
         char known[512];
-        known_names(known, sizeof known, NULL, 0);
+        known_names(known, sizeof known, "", 0);
         return KFAC_ERR(KFAC_EINVAL, "%s:%d:%d: expected a mapping of sections (%s), got %s", src->file,
                         root->line, root->col, known, ytree_kind_name(root->kind));
     }
-    for (int s = 0; s < root->n; s++)
-        KFAC_TRY(apply_section(job, root->kids[2 * s], root->kids[2 * s + 1], src));
-    return KFAC_OK;
+    return apply_map(job, "", 0, root, src);
+}
+
+/* Why `path` names no key: walks it from the top level to the first part
+ * that is unknown, a key with more after it, or a section at the end. */
+static kfac_status bad_path(const char *prefix, const char *path)
+{
+    char name[256], known[1024];
+    for (size_t len = 0;;) { /* path[0, len) is a known section */
+        const char *part = path + (len ? len + 1 : 0);
+        size_t n = strcspn(part, ".");
+        snprintf(name, sizeof name, "%.*s", (int)n, part);
+        int is_section = 0;
+        if (find_child(path, len, name, &is_section) < 0) return unknown_name(prefix, path, len, name);
+        size_t end = (size_t)(part - path) + n;
+        if (!is_section)
+            return KFAC_ERR(KFAC_EINVAL, "%s: '%.*s' is a key, not a section", prefix, (int)end, path);
+        if (!part[n]) {
+            known_names(known, sizeof known, path, end);
+            return KFAC_ERR(KFAC_EINVAL, "%s: '%s' is a section, not a key (its keys: %s)", prefix, path, known);
+        }
+        len = end;
+    }
 }
 
 /* Applies one "section.key=value" override. */
@@ -435,12 +523,13 @@ static kfac_status apply_set(kfac_job *job, const char *set, source *src)
     if (n >= sizeof path) n = sizeof path - 1; /* too long for any key: reported as unknown */
     memcpy(path, set, n);
     path[n] = '\0';
-    char *p = trim(path), *dot = strchr(p, '.');
-    if (!eq || !dot) return KFAC_ERR(KFAC_EINVAL, "--set '%s': expected section.key=value", set);
+    char *p = trim(path);
+    if (!eq || !strchr(p, '.')) return KFAC_ERR(KFAC_EINVAL, "--set '%s': expected section.key=value", set);
 
     snprintf(prefix, sizeof prefix, "--set %s", p);
-    int i = find_key(p, (size_t)(dot - p), dot + 1);
-    if (i < 0) return unknown_name(prefix, p, (size_t)(dot - p), dot + 1);
+    int i = 0;
+    while (i < NKEYS && strcmp(KEYS[i].path, p) != 0) i++;
+    if (i == NKEYS) return bad_path(prefix, p);
     src->at[i] = (origin){FROM_SET, 0};
     return set_from_text(job, &KEYS[i], eq + 1, prefix);
 }
@@ -480,7 +569,7 @@ static int is_one_of(const char *s, const char *words)
 
 static kfac_status check_string(const char *s, const limits *l, const char *where)
 {
-    if (!s[0]) return KFAC_ERR(KFAC_EINVAL, "%s: must not be empty", where);
+    if (!s[0] && !l->empty_ok) return KFAC_ERR(KFAC_EINVAL, "%s: must not be empty", where);
     if (l->one_of && !is_one_of(s, l->one_of))
         return KFAC_ERR(KFAC_EINVAL, "%s: must be one of %s, got '%s'", where, l->one_of, s);
     return KFAC_OK;
@@ -624,9 +713,18 @@ kfac_status kfac_job_write_yaml(const kfac_job *job, const char *path)
         char value[4 * KFAC_JOB_STR + 16]; /* the longest string, every byte escaped */
         strbuf sb = sb_init(value, sizeof value);
         add_value(&sb, job, &KEYS[i]);
-        if (starts_section(i))
-            fprintf(f, "%s%.*s:\n", i ? "\n" : "", (int)section_len(KEYS[i].path), KEYS[i].path);
-        fprintf(f, "  %s: %s\n", key_name(KEYS[i].path), value);
+        /* open the parts of this key's section that the previous key's did not share */
+        const char *kpath = KEYS[i].path, *prev = i ? KEYS[i - 1].path : "";
+        size_t len = section_len(kpath), prev_len = i ? section_len(prev) : 0;
+        int depth = 0, shared = 1;
+        for (size_t at = 0; at < len; at += strcspn(kpath + at, ".") + 1, depth++) {
+            size_t n = strcspn(kpath + at, ".");
+            shared = shared && at + n <= prev_len && strncmp(prev + at, kpath + at, n) == 0 &&
+                     (at + n == prev_len || prev[at + n] == '.');
+            if (shared) continue;
+            fprintf(f, "%s%*s%.*s:\n", i && !depth ? "\n" : "", 2 * depth, "", (int)n, kpath + at);
+        }
+        fprintf(f, "%*s%s: %s\n", 2 * depth, "", key_name(kpath), value);
     }
     int failed = ferror(f);
     failed |= fclose(f) != 0;
@@ -641,8 +739,8 @@ int kfac_job_describe(char *out, int cap)
         const key_spec *k = &KEYS[i];
         char range[128];
         limits_text(range, sizeof range, &k->check);
-        sb_add(&sb, "%s%s (%s, default %s%s%s)\n    %s\n", i && starts_section(i) ? "\n" : "", k->path,
-               TYPES[k->type].name, k->def, range[0] ? ", " : "", range, k->help);
+        sb_add(&sb, "%s%s (%s, default %s%s%s)\n    %s\n", i && !same_section(KEYS[i - 1].path, k->path) ? "\n" : "",
+               k->path, TYPES[k->type].name, k->def[0] ? k->def : "\"\"", range[0] ? ", " : "", range, k->help);
     }
     return (int)sb.len;
 }

@@ -11,7 +11,7 @@
 #include <strings.h>
 #include <yaml.h>
 
-/* Config files nest two levels; the limit only stops hostile input from
+/* Config files nest three levels (optimizer: kfac: damping:); the limit only stops hostile input from
  * exhausting the stack through build_node's recursion. */
 #define MAX_DEPTH 64
 

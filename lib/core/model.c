@@ -17,7 +17,7 @@
 /* Eval-mode forward runs all layers on groups of images whose largest
  * activation fits in this many bytes, so they stay in cache. */
 #define EVAL_CHUNK_BYTES (256 * 1024)
-#define BN_MOMENTUM 0.1f
+#define BN_MOMENTUM 0.1f /* as PyTorch: running = 0.9 running + 0.1 batch */
 #define BN_EPS 1e-5f
 
 typedef struct value {
@@ -53,6 +53,11 @@ struct kfac_model {
     void *workspace;
     size_t workspace_bytes;
     kfac_status build_status; /* first failure while building */
+    kfac_backward_hook hook;
+    void *hook_user;
+    float bn_momentum;
+    int32_t *sampled_labels;  /* max_batch labels for kfac_model_loss_sampled */
+    float *host_logits;       /* max_batch x classes, its host copy of the logits */
     int finalized;
     double macs;
 };
@@ -138,6 +143,7 @@ kfac_status kfac_model_init(kfac_model **out, kfac_backend *be, int max_batch, i
     if (!m) return KFAC_ERR(KFAC_ENOMEM, "model: out of memory");
     m->be = be;
     m->max_batch = max_batch;
+    m->bn_momentum = BN_MOMENTUM;
     if (add_value(m, h, w, c) != 0) {
         free(m);
         return KFAC_ERR(KFAC_ENOMEM, "model: out of memory");
@@ -399,6 +405,12 @@ kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed)
     float *host = calloc(flat ? flat : 1, sizeof(float));
     if (!host) return KFAC_ERR(KFAC_ENOMEM, "model: cannot allocate %zu parameters", flat);
     init_params(m, seed, host, host + 2 * m->param_count);
+    m->sampled_labels = malloc((size_t)m->max_batch * sizeof(int32_t));
+    m->host_logits = malloc((size_t)m->max_batch * m->values[m->num_values - 1].c * sizeof(float));
+    if (!m->sampled_labels || !m->host_logits) {
+        free(host);
+        return KFAC_ERR(KFAC_ENOMEM, "model: out of memory");
+    }
     kfac_status st = be->upload(be, flat_mem, host, flat * sizeof(float));
     free(host);
     KFAC_TRY(st);
@@ -414,6 +426,8 @@ void kfac_model_free(kfac_model *m)
         if (m->workspace) m->be->release(m->be, m->workspace);
         if (m->params_data) m->be->release(m->be, m->params_data);
     }
+    free(m->sampled_labels);
+    free(m->host_logits);
     free(m->values);
     free(m->nodes);
     free(m->params);
@@ -458,7 +472,7 @@ static kfac_status node_forward(kfac_model *m, node *nd, int n0, int n, kfac_mod
         const float *gamma = param_ptr(m, nd->param[0]), *beta = param_ptr(m, nd->param[1]);
         if (mode == KFAC_MODE_TRAIN)
             return be->bn_forward_train(be, rows, vin->c, x, gamma, beta, y, nd->save_mean,
-                                        nd->save_invstd, stats, stats + vin->c, BN_MOMENTUM,
+                                        nd->save_invstd, stats, stats + vin->c, m->bn_momentum,
                                         BN_EPS, nd->relu);
         return be->bn_forward_eval(be, rows, vin->c, x, gamma, beta, y, stats, stats + vin->c,
                                    BN_EPS, nd->relu);
@@ -578,8 +592,79 @@ kfac_status kfac_model_backward(kfac_model *m, int n)
         return KFAC_ERR(KFAC_EINVAL, "model: batch %d outside [1, %d]", n, m->max_batch);
     for (int i = 0; i < m->num_values; i++) m->values[i].grad_written = 0;
     m->values[m->num_values - 1].grad_written = 1; /* written by kfac_model_loss */
-    for (int i = m->num_nodes - 1; i >= 0; i--) KFAC_TRY(node_backward(m, &m->nodes[i], n));
+    for (int i = m->num_nodes - 1; i >= 0; i--) {
+        KFAC_TRY(node_backward(m, &m->nodes[i], n));
+        if (m->hook) KFAC_TRY(m->hook(m, i, n, m->hook_user));
+    }
     return KFAC_OK;
+}
+
+/* Labels drawn from softmax(logits) row by row (inverse CDF). */
+kfac_status kfac_model_loss_sampled(kfac_model *m, int n, uint64_t seed)
+{
+    value *logits = &m->values[m->num_values - 1];
+    int classes = logits->c;
+    float *host = m->host_logits;
+    if (n < 1 || n > m->max_batch)
+        return KFAC_ERR(KFAC_EINVAL, "model: batch %d outside [1, %d]", n, m->max_batch);
+    kfac_status st = m->be->download(m->be, host, logits->data, (size_t)n * classes * sizeof *host);
+    kfac_rng rng;
+    kfac_rng_seed(&rng, seed);
+    for (int i = 0; i < n && st == KFAC_OK; i++) {
+        const float *z = host + (size_t)i * classes;
+        double zmax = z[0], total = 0, u, acc = 0;
+        for (int j = 1; j < classes; j++) zmax = z[j] > zmax ? z[j] : zmax;
+        for (int j = 0; j < classes; j++) total += exp(z[j] - zmax);
+        u = kfac_rng_uniform(&rng) * total;
+        int label = classes - 1;
+        for (int j = 0; j < classes; j++)
+            if ((acc += exp(z[j] - zmax)) > u) {
+                label = j;
+                break;
+            }
+        m->sampled_labels[i] = label;
+    }
+    KFAC_TRY(st);
+    double loss;
+    int correct;
+    return m->be->softmax_xent(m->be, n, classes, logits->data, m->sampled_labels, 0.0f,
+                               logits->grad, &loss, &correct);
+}
+
+/* ---- what K-FAC sees ---- */
+
+int kfac_model_num_nodes(const kfac_model *m) { return m->num_nodes; }
+
+void kfac_model_set_bn_momentum(kfac_model *m, float momentum)
+{
+    m->bn_momentum = momentum < 0 ? BN_MOMENTUM : momentum;
+}
+
+void kfac_model_layer(const kfac_model *m, int index, int n, kfac_layer_view *out)
+{
+    const node *nd = &m->nodes[index];
+    const value *vin = &m->values[nd->in[0]], *vout = &m->values[nd->out];
+    memset(out, 0, sizeof *out);
+    out->kind = nd->kind;
+    out->name = nd->name;
+    out->conv = nd->conv;
+    out->conv.n = n;
+    out->rows = (size_t)n * vout->h * vout->w;
+    out->channels = vout->c;
+    out->x = vin->data;
+    out->y = vout->data;
+    out->dy = vout->grad;
+    out->param[0] = nd->param[0];
+    out->param[1] = nd->param[1];
+    out->save_mean = nd->save_mean;
+    out->save_invstd = nd->save_invstd;
+    out->relu = nd->relu;
+}
+
+void kfac_model_set_backward_hook(kfac_model *m, kfac_backward_hook hook, void *user)
+{
+    m->hook = hook;
+    m->hook_user = user;
 }
 
 /* ---- accessors ---- */

@@ -10,6 +10,7 @@
 
 #include "kfac/kfac_dataset.h"
 #include "kfac/kfac_optim.h"
+#include "kfac/kfac_precond.h"
 #include "kfac/kfac_resnet.h"
 #include "kfac/kfac_train.h"
 
@@ -18,8 +19,10 @@ typedef struct trainer {
     kfac_backend *be;
     kfac_dataset *train_set, *test_set;
     kfac_batcher *train_batches, *test_batches;
+    kfac_batcher *bn_batches; /* precise BN: un-augmented training images */
     kfac_model *model;
     kfac_sgd *sgd;
+    kfac_precond *kfac;       /* NULL for plain SGD */
     kfac_lr_schedule schedule;
     int32_t *labels;
     float *host_images; /* batch staging when the backend is not the host */
@@ -67,6 +70,32 @@ static kfac_status schedule_from_job(const kfac_job *job, kfac_lr_schedule *s)
     return KFAC_OK;
 }
 
+static kfac_status precond_config_from_job(const kfac_job *job, kfac_precond_config *c)
+{
+    const typeof(job->optimizer.kfac) *k = &job->optimizer.kfac;
+    kfac_precond_config_defaults(c);
+    c->fisher = strcmp(k->fisher, "sampled") == 0 ? KFAC_FISHER_SAMPLED : KFAC_FISHER_EMPIRICAL;
+    c->inverse = strcmp(k->inverse, "cholesky") == 0 ? KFAC_INVERSE_CHOLESKY : KFAC_INVERSE_EIG;
+    c->exact_kronecker = k->exact_kronecker;
+    c->factor_decay = k->factor_decay;
+    c->factor_interval = k->factor_interval;
+    c->inverse_interval = k->inverse_interval;
+    c->warmup_steps = k->warmup_steps;
+    c->adaptive_threshold = k->adaptive_threshold;
+    c->max_interval = k->max_interval;
+    c->damping = k->damping;
+    c->damping_decay = k->damping_decay;
+    c->damping_min = k->damping_min;
+    c->kl_clip = k->kl_clip;
+    c->subsample = k->subsample;
+    c->bn = strcmp(k->bn, "sgd") == 0        ? KFAC_BN_SGD
+            : strcmp(k->bn, "diagonal") == 0 ? KFAC_BN_DIAGONAL
+                                             : KFAC_BN_UNITWISE;
+    c->exclude = k->exclude;
+    c->seed = job->train.seed;
+    return KFAC_OK;
+}
+
 static kfac_status open_data(trainer *t)
 {
     const kfac_job *job = t->job;
@@ -89,6 +118,12 @@ static kfac_status open_data(trainer *t)
         cfg.std[c] = job->data.std;
     }
     KFAC_TRY(kfac_batcher_init(&t->train_batches, t->train_set, &cfg));
+    if (job->train.precise_bn_images > 0) {
+        kfac_batcher_config bn = cfg;
+        bn.augment = KFAC_AUGMENT_NONE;
+        bn.drop_last = 0;
+        KFAC_TRY(kfac_batcher_init(&t->bn_batches, t->train_set, &bn));
+    }
     cfg.batch_size = job->train.eval_batch_size;
     cfg.augment = KFAC_AUGMENT_NONE;
     cfg.shuffle = 0;
@@ -119,6 +154,11 @@ static kfac_status build_model(trainer *t)
         .decay_bn_and_bias = job->optimizer.decay_bn_and_bias,
     };
     KFAC_TRY(kfac_sgd_init(&t->sgd, t->model, &sgd));
+    if (strcmp(job->optimizer.name, "kfac") == 0) {
+        kfac_precond_config kc;
+        KFAC_TRY(precond_config_from_job(job, &kc));
+        KFAC_TRY(kfac_precond_init(&t->kfac, t->model, &kc));
+    }
     t->labels = malloc((size_t)max_batch * sizeof(int32_t));
     size_t image = (size_t)t->train_set->height * t->train_set->width * t->train_set->channels;
     t->host_images = malloc((size_t)max_batch * image * sizeof(float));
@@ -135,6 +175,25 @@ static kfac_status load_batch(trainer *t, kfac_batcher *b, int *n)
     kfac_model_input_shape(t->model, &h, &w, &c);
     return t->be->upload(t->be, kfac_model_input(t->model), t->host_images,
                          (size_t)*n * h * w * c * sizeof(float));
+}
+
+/* Precise BN: recompute every BN's running statistics as the mean over
+ * batches of un-augmented training images, so evaluation does not see
+ * statistics that lag weights moving fast under a high learning rate. */
+static kfac_status precise_bn(trainer *t, int epoch)
+{
+    int images = 0, n, k = 0;
+    kfac_batcher_start_epoch(t->bn_batches, epoch);
+    while (images < t->job->train.precise_bn_images) {
+        KFAC_TRY(load_batch(t, t->bn_batches, &n));
+        if (n == 0) break;
+        kfac_model_set_bn_momentum(t->model, 1.0f / (float)++k);
+        kfac_status st = kfac_model_forward(t->model, n, KFAC_MODE_TRAIN);
+        kfac_model_set_bn_momentum(t->model, -1);
+        KFAC_TRY(st);
+        images += n;
+    }
+    return KFAC_OK;
 }
 
 static kfac_status evaluate(trainer *t, double *loss, double *acc)
@@ -176,9 +235,14 @@ static kfac_status train_epoch(trainer *t, int epoch, long *step, kfac_epoch_met
         double lr = kfac_lr_at(&t->schedule, epoch + (double)i / steps);
         double l;
         int hits;
-        KFAC_TRY(kfac_model_forward(t->model, n, KFAC_MODE_TRAIN));
-        KFAC_TRY(kfac_model_loss(t->model, n, t->labels, job->train.label_smoothing, &l, &hits));
-        KFAC_TRY(kfac_model_backward(t->model, n));
+        if (t->kfac) {
+            KFAC_TRY(kfac_precond_step(t->kfac, *step, epoch + (double)i / steps, (float)lr, n,
+                                       t->labels, job->train.label_smoothing, &l, &hits));
+        } else {
+            KFAC_TRY(kfac_model_forward(t->model, n, KFAC_MODE_TRAIN));
+            KFAC_TRY(kfac_model_loss(t->model, n, t->labels, job->train.label_smoothing, &l, &hits));
+            KFAC_TRY(kfac_model_backward(t->model, n));
+        }
         KFAC_TRY(kfac_sgd_step(t->sgd, (float)lr));
         loss_sum += l;
         correct += hits;
@@ -195,14 +259,18 @@ static kfac_status train_epoch(trainer *t, int epoch, long *step, kfac_epoch_met
     return KFAC_OK;
 }
 
-static void write_metrics(FILE *f, const kfac_epoch_metrics *m)
+static void write_metrics(FILE *f, const kfac_epoch_metrics *m, int kfac)
 {
     fprintf(f,
             "{\"epoch\": %d, \"step\": %ld, \"lr\": %.6g, \"train_loss\": %.6f, "
             "\"train_acc\": %.6f, \"test_loss\": %.6f, \"test_acc\": %.6f, "
-            "\"images_per_s\": %.1f, \"epoch_seconds\": %.3f, \"seconds\": %.3f}\n",
+            "\"images_per_s\": %.1f, \"epoch_seconds\": %.3f, \"seconds\": %.3f",
             m->epoch, m->step, m->lr, m->train_loss, m->train_acc, m->test_loss, m->test_acc,
             m->images_per_s, m->epoch_seconds, m->seconds);
+    if (kfac)
+        fprintf(f, ", \"kfac_capture_s\": %.3f, \"kfac_invert_s\": %.3f, \"kfac_precondition_s\": %.3f",
+                m->seconds_capture, m->seconds_invert, m->seconds_precondition);
+    fputs("}\n", f);
     fflush(f);
 }
 
@@ -239,12 +307,20 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
         if (job->train.max_steps > 0 && step >= job->train.max_steps) break;
         double t0 = now_seconds();
         KFAC_TRY(train_epoch(t, epoch, &step, &em, cb));
+        if (t->bn_batches) KFAC_TRY(precise_bn(t, epoch));
         KFAC_TRY(evaluate(t, &em.test_loss, &em.test_acc));
+        if (t->kfac) {
+            kfac_precond_stats ks;
+            kfac_precond_get_stats(t->kfac, &ks);
+            em.seconds_capture = ks.seconds_capture;
+            em.seconds_invert = ks.seconds_invert;
+            em.seconds_precondition = ks.seconds_precondition;
+        }
         em.epoch = epoch + 1;
         em.step = step;
         em.epoch_seconds = now_seconds() - t0;
         em.seconds = now_seconds() - start;
-        write_metrics(t->metrics, &em);
+        write_metrics(t->metrics, &em, t->kfac != NULL);
         if (cb && cb->on_epoch) cb->on_epoch(&em, cb->user);
     }
     if (final) *final = em;
@@ -259,7 +335,9 @@ kfac_status kfac_train_run(const kfac_job *job, const kfac_train_callbacks *cb,
     if (t.metrics) fclose(t.metrics);
     free(t.labels);
     free(t.host_images);
+    kfac_precond_free(t.kfac);
     kfac_sgd_free(t.sgd);
+    kfac_batcher_free(t.bn_batches);
     kfac_model_free(t.model);
     kfac_batcher_free(t.train_batches);
     kfac_batcher_free(t.test_batches);

@@ -120,8 +120,8 @@ static inline void out_pixel_next(const kfac_conv_desc *d, out_pixel *at)
 }
 
 /* Gathers the patches of output rows [row0, row0+rows) into cols(rows, KD). */
-static KFAC_INLINE_LOOPS void im2col(const kfac_conv_desc *d, const float *x, size_t row0,
-                                     size_t rows, float *cols)
+KFAC_INLINE_LOOPS void kfac__cpu_im2col(const kfac_conv_desc *d, const float *x, size_t row0,
+                                        size_t rows, float *cols)
 {
     const size_t c = (size_t)d->c, span = d->kw * c;
     out_pixel at = out_pixel_of(d, row0);
@@ -195,7 +195,7 @@ kfac_status kfac__cpu_conv_forward(kfac_backend *be, const kfac_conv_desc *d, co
             size_t rows = end - r < cr ? end - r : cr;
             const float *a = x + r * kd;
             if (!pointwise) {
-                im2col(d, x, r, rows, tw.cols);
+                kfac__cpu_im2col(d, x, r, rows, tw.cols);
                 a = tw.cols;
             }
             float *out = y + r * k;
@@ -226,7 +226,7 @@ static void conv_backward_images(const kfac_conv_desc *d, const float *x, const 
         const float *g = dy + r * k;
         const float *a = x + r * kd;
         if (!pointwise) {
-            im2col(d, x, r, rows, tw.cols);
+            kfac__cpu_im2col(d, x, r, rows, tw.cols);
             a = tw.cols;
         }
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)k, (int)kd, (int)rows, 1.0f, g,

@@ -18,6 +18,12 @@ typedef struct kfac_cpu {
 
 static inline kfac_cpu *kfac__cpu(kfac_backend *be) { return (kfac_cpu *)be->impl; }
 
+/* Gathers the KH*KW*C patch of each output row [row0, row0+rows) (rows
+ * numbered n*HO*WO + oh*WO + ow) into cols(rows, KH*KW*C), zeros where the
+ * patch covers padding.  K-FAC's input factors use the same rows. */
+void kfac__cpu_im2col(const kfac_conv_desc *d, const float *x, size_t row0, size_t rows,
+                      float *cols);
+
 size_t kfac__cpu_conv_workspace(const kfac_backend *be, const kfac_conv_desc *d);
 kfac_status kfac__cpu_conv_forward(kfac_backend *be, const kfac_conv_desc *d, const float *x,
                                    const float *w, const float *bias, float *y, void *ws);

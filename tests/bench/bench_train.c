@@ -2,7 +2,10 @@
  * synthetic data, and the machine's sgemm peak, as JSON lines:
  *   {"name": ..., "value": ..., "unit": ..., ...}
  * Usage: bench_train [--model NAME] [--batch N] [--mode train|infer|sgemm]
- *                    [--threads T] [--seconds S]
+ *                    [--optimizer sgd|kfac] [--threads T] [--seconds S]
+ * With --optimizer kfac the step is K-FAC's with its default refresh
+ * intervals (averaged over at least one full inverse interval), and the
+ * seconds spent in its stages are reported beside images/s.
  * Peak resident memory of the process is reported with each figure (run one
  * configuration per process to compare it). */
 #include <stdio.h>
@@ -14,6 +17,7 @@
 #include <cblas.h>
 
 #include "kfac/kfac_optim.h"
+#include "kfac/kfac_precond.h"
 #include "kfac/kfac_resnet.h"
 #include "kfac/kfac_rng.h"
 
@@ -60,18 +64,19 @@ static double sgemm_peak(int threads)
 
 int main(int argc, char **argv)
 {
-    const char *model_name = "resnet8-fmnist", *mode = "train";
+    const char *model_name = "resnet8-fmnist", *mode = "train", *optimizer = "sgd";
     int batch = 256, threads = 2;
     double seconds = 10;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--model")) model_name = argv[i + 1];
         else if (!strcmp(argv[i], "--batch")) batch = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--mode")) mode = argv[i + 1];
+        else if (!strcmp(argv[i], "--optimizer")) optimizer = argv[i + 1];
         else if (!strcmp(argv[i], "--threads")) threads = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--seconds")) seconds = atof(argv[i + 1]);
         else {
             fprintf(stderr, "usage: bench_train [--model M] [--batch N] [--mode train|infer|sgemm] "
-                            "[--threads T] [--seconds S]\n");
+                            "[--optimizer sgd|kfac] [--threads T] [--seconds S]\n");
             return 2;
         }
     }
@@ -88,6 +93,10 @@ int main(int argc, char **argv)
     if (kfac_resnet_build(model_name, NULL, be, batch, 1, &m)) return die("model");
     kfac_sgd_config cfg = {.momentum = 0.9f, .nesterov = 1, .weight_decay = 5e-4f};
     if (kfac_sgd_init(&sgd, m, &cfg)) return die("sgd");
+    kfac_precond *kfac = NULL;
+    kfac_precond_config kcfg;
+    kfac_precond_config_defaults(&kcfg);
+    if (!strcmp(optimizer, "kfac") && kfac_precond_init(&kfac, m, &kcfg)) return die("kfac");
     int h, w, c;
     kfac_model_input_shape(m, &h, &w, &c);
     kfac_rng rng;
@@ -98,25 +107,45 @@ int main(int argc, char **argv)
     for (int i = 0; i < batch; i++) labels[i] = (int32_t)kfac_rng_below(&rng, kfac_model_classes(m));
     long images = 0;
     double t0 = 0;
+    /* K-FAC: time steps after its warm-up, over whole inverse intervals. */
+    int warm = kfac ? kcfg.warmup_steps : 2, period = kfac ? kcfg.inverse_interval : 1;
+    kfac_precond_stats before = {0}, after = {0};
     for (int it = 0;; it++) {
-        if (it == 2) t0 = now(); /* two warm-up steps */
-        if (kfac_model_forward(m, batch, train ? KFAC_MODE_TRAIN : KFAC_MODE_EVAL)) return die("forward");
-        if (train) {
-            double loss;
-            int correct;
-            if (kfac_model_loss(m, batch, labels, 0.0f, &loss, &correct)) return die("loss");
-            if (kfac_model_backward(m, batch)) return die("backward");
-            if (kfac_sgd_step(sgd, 0.01f)) return die("sgd");
+        if (it == warm) {
+            t0 = now();
+            if (kfac) kfac_precond_get_stats(kfac, &before);
         }
-        if (it >= 2) images += batch;
-        if (it >= 4 && now() - t0 > seconds) break;
+        double loss;
+        int correct;
+        if (kfac) {
+            if (kfac_precond_step(kfac, it, 0.0, 0.01f, batch, labels, 0.0f, &loss, &correct))
+                return die("kfac step");
+        } else {
+            if (kfac_model_forward(m, batch, train ? KFAC_MODE_TRAIN : KFAC_MODE_EVAL))
+                return die("forward");
+            if (train && kfac_model_loss(m, batch, labels, 0.0f, &loss, &correct)) return die("loss");
+            if (train && kfac_model_backward(m, batch)) return die("backward");
+        }
+        if (train && kfac_sgd_step(sgd, 0.01f)) return die("sgd");
+        if (it >= warm) images += batch;
+        if (it >= warm + 2 && (it + 1 - warm) % period == 0 && now() - t0 > seconds) break;
     }
+    if (kfac) kfac_precond_get_stats(kfac, &after);
     double ips = images / (now() - t0);
     double macs = kfac_model_macs_per_image(m);
     double gflops = ips * macs * 2 * (train ? 3 : 1) / 1e9;
-    printf("{\"name\": \"kfac_%s_%s_b%d\", \"value\": %.1f, \"unit\": \"images/s\", "
-           "\"gflops\": %.1f, \"peak_rss_mib\": %.1f, \"threads\": %d}\n",
-           mode, model_name, batch, ips, gflops, peak_rss_mib(), threads);
+    double elapsed = now() - t0;
+    printf("{\"name\": \"kfac_%s%s_%s_b%d\", \"value\": %.1f, \"unit\": \"images/s\", "
+           "\"step_ms\": %.2f, \"gflops\": %.1f, \"peak_rss_mib\": %.1f, \"threads\": %d",
+           mode, kfac ? "_kfac" : "", model_name, batch, ips, 1e3 * batch / ips, gflops,
+           peak_rss_mib(), threads);
+    if (kfac)
+        printf(", \"capture_share\": %.3f, \"invert_share\": %.3f, \"precondition_share\": %.3f",
+               (after.seconds_capture - before.seconds_capture) / elapsed,
+               (after.seconds_invert - before.seconds_invert) / elapsed,
+               (after.seconds_precondition - before.seconds_precondition) / elapsed);
+    printf("}\n");
+    kfac_precond_free(kfac);
     kfac_sgd_free(sgd);
     kfac_model_free(m);
     kfac_backend_free(be);

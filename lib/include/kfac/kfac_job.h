@@ -2,7 +2,8 @@
  *
  * A job YAML has these top-level sections (documented key by key in
  * jobs/README.md and by `kfac train --help-keys`):
- *   model, data, optimizer, schedule, train, output
+ *   model, data, optimizer (with the nested optimizer.kfac), schedule,
+ *   train, output
  * Later issues add sections (resources, site, checkpoint) without changing
  * these keys.
  *
@@ -38,11 +39,30 @@ typedef struct kfac_job {
         float mean, std;            /* normalisation (single channel for now) */
     } data;
     struct {
-        char name[KFAC_JOB_STR];    /* sgd */
+        char name[KFAC_JOB_STR];    /* sgd | kfac (K-FAC preconditioning, then this SGD) */
         float momentum;
         int nesterov;
         float weight_decay;
         int decay_bn_and_bias;      /* apply weight decay to BN params and biases too */
+        struct {                    /* optimizer.kfac.*: used when name is kfac */
+            char fisher[KFAC_JOB_STR];  /* empirical | sampled */
+            char inverse[KFAC_JOB_STR]; /* cholesky | eig */
+            int exact_kronecker;        /* eig only: exact damped Kronecker inverse */
+            float factor_decay;         /* running average: new = decay*old + (1-decay)*batch */
+            int factor_interval;        /* steps between factor refreshes after warm-up */
+            int inverse_interval;       /* steps between inversions after warm-up */
+            int warmup_steps;           /* factors and inverses every step before this */
+            float adaptive_threshold;   /* SP-NGD: >0 doubles a layer's interval while its
+                                           factors change less than this between refreshes */
+            int max_interval;           /* cap of the adaptive interval */
+            float damping;              /* lambda; gamma = sqrt(lambda) with pi-correction */
+            float damping_decay;        /* lambda(epoch) = max(min, damping * decay^epoch) */
+            float damping_min;
+            float kl_clip;              /* 0: off */
+            float subsample;            /* fraction of the batch used for factors, (0, 1] */
+            char bn[KFAC_JOB_STR];      /* unitwise | diagonal | sgd */
+            char exclude[KFAC_JOB_STR]; /* comma-separated patterns of layers kept on SGD */
+        } kfac;
     } optimizer;
     struct {
         float lr;                   /* peak learning rate (after warm-up) */
@@ -65,6 +85,8 @@ typedef struct kfac_job {
         int threads;                /* compute threads (0: all cores) */
         float label_smoothing;
         int max_steps;              /* stop after this many steps in total (0: no limit) */
+        int precise_bn_images;      /* >0: recompute BN statistics over this many training
+                                       images before each evaluation ("precise BN") */
     } train;
     struct {
         char dir[KFAC_JOB_STR];     /* created if missing */

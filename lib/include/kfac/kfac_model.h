@@ -113,6 +113,43 @@ size_t kfac_model_arena_bytes(const kfac_model *m);
 
 kfac_backend *kfac_model_backend(kfac_model *m);
 
+/* Momentum of the BN running statistics in training-mode forwards (default
+ * 0.1; a negative value restores it).  Precise BN sets 1/(k+1) for its k-th
+ * batch so the running statistics become the mean over its batches. */
+void kfac_model_set_bn_momentum(kfac_model *m, float momentum);
+
+/* ---- what K-FAC sees of a layer ---- */
+
+/* A node's tensors for the current batch of n images.  dy (the gradient of
+ * the node's output) is valid only inside a backward hook for that node:
+ * gradient buffers are shared between layers whose lifetimes do not
+ * overlap. */
+typedef struct kfac_layer_view {
+    kfac_node_kind kind;
+    const char *name;
+    kfac_conv_desc conv;      /* conv/fc geometry with n = the batch */
+    size_t rows;              /* n * H * W of the output */
+    int channels;             /* output channels */
+    const float *x, *y, *dy;  /* input, output, output gradient */
+    int param[2];             /* conv/fc: weight, bias; bn: gamma, beta (-1: none) */
+    const float *save_mean, *save_invstd; /* bn */
+    int relu;                 /* bn/add: fused ReLU (dy applies after the mask) */
+} kfac_layer_view;
+
+int kfac_model_num_nodes(const kfac_model *m);
+void kfac_model_layer(const kfac_model *m, int node, int n, kfac_layer_view *out);
+
+/* Called after each node's backward, while that node's dy is still valid;
+ * a failing hook stops the backward pass with its status.  NULL removes. */
+typedef kfac_status (*kfac_backward_hook)(kfac_model *m, int node, int n, void *user);
+void kfac_model_set_backward_hook(kfac_model *m, kfac_backward_hook hook, void *user);
+
+/* Writes the gradient of the mean softmax cross-entropy at labels sampled
+ * from the model's own predictive distribution (the "true" Fisher's labels)
+ * into the logits' gradient, for a backward pass that only K-FAC reads.
+ * The samples come from `seed`. */
+kfac_status kfac_model_loss_sampled(kfac_model *m, int n, uint64_t seed);
+
 #ifdef __cplusplus
 }
 #endif

@@ -6,7 +6,8 @@
  *   job.yaml        the resolved job (defaults + file + --set)
  *   METRICS         JSON lines, one object per epoch: epoch, lr, train_loss,
  *                   train_acc, test_loss, test_acc, images_per_s,
- *                   epoch_seconds, seconds (elapsed since start)
+ *                   epoch_seconds, seconds (elapsed since start); with K-FAC
+ *                   also kfac_capture_s, kfac_invert_s, kfac_precondition_s
  * The library prints nothing: callers get each epoch (and progress within
  * an epoch) through callbacks.
  */
@@ -28,6 +29,8 @@ typedef struct kfac_epoch_metrics {
     double images_per_s;     /* training images / training seconds of this epoch */
     double epoch_seconds;    /* training + evaluation of this epoch */
     double seconds;          /* since the start of the run */
+    /* K-FAC only: seconds spent so far in its stages (cumulative) */
+    double seconds_capture, seconds_invert, seconds_precondition;
 } kfac_epoch_metrics;
 
 typedef struct kfac_train_callbacks {

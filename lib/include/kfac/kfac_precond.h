@@ -1,0 +1,93 @@
+/* kfac_precond.h - the K-FAC optimizer: per-layer state and the schedule
+ * that sequences the stages of kfac_factors.h around a training step.
+ *
+ * One step (kfac_precond_step):
+ *   forward -> [sampled Fisher: loss at sampled labels, backward with
+ *   capture] -> loss -> backward [empirical Fisher: with capture]
+ *   -> invert where due -> precondition every K-FAC layer's gradient in
+ *   place -> KL clip -> (the caller's) momentum SGD with weight decay.
+ * Capture (a backward hook) computes each due layer's batch factors while
+ * its output gradient is alive and folds them into the running averages.
+ *
+ * Layers: conv and FC get Kronecker factors (kfac_factors.h conventions);
+ * batch norm gets the unit-wise 2x2 Fisher (SP-NGD), its diagonal, or
+ * plain SGD; layers whose names match an exclude pattern stay on SGD.
+ *
+ * Schedule (kfac_precond_plan, the one place it is decided): before
+ * warmup_steps every step refreshes factors and inverses; after, a layer's
+ * factors refresh every `interval` steps (factor_interval, doubled up to
+ * max_interval while the factors change less than adaptive_threshold
+ * between refreshes, SP-NGD) and its inverse every inverse_interval steps
+ * when its factors changed since the last inversion.
+ */
+#ifndef KFAC_PRECOND_H
+#define KFAC_PRECOND_H
+
+#include "kfac/kfac_model.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum kfac_fisher { KFAC_FISHER_EMPIRICAL, KFAC_FISHER_SAMPLED } kfac_fisher;
+typedef enum kfac_inverse { KFAC_INVERSE_CHOLESKY, KFAC_INVERSE_EIG } kfac_inverse;
+typedef enum kfac_bn_mode { KFAC_BN_UNITWISE, KFAC_BN_DIAGONAL, KFAC_BN_SGD } kfac_bn_mode;
+
+typedef struct kfac_precond_config {
+    kfac_fisher fisher;
+    kfac_inverse inverse;
+    int exact_kronecker;
+    float factor_decay;
+    int factor_interval, inverse_interval, warmup_steps, max_interval;
+    float adaptive_threshold;
+    float damping, damping_decay, damping_min;
+    float kl_clip;
+    float subsample;
+    kfac_bn_mode bn;
+    const char *exclude; /* comma-separated fnmatch patterns, or NULL */
+    uint64_t seed;       /* sampled-Fisher labels */
+} kfac_precond_config;
+
+/* Fills the defaults documented in jobs/README.md (optimizer.kfac). */
+void kfac_precond_config_defaults(kfac_precond_config *cfg);
+
+typedef struct kfac_precond kfac_precond;
+
+kfac_status kfac_precond_init(kfac_precond **out, kfac_model *m, const kfac_precond_config *cfg);
+void kfac_precond_free(kfac_precond *p);
+
+/* Decides which layers refresh factors / inverses at `step` (0-based) and
+ * returns whether any factor is due (a capture is needed). */
+int kfac_precond_plan(kfac_precond *p, long step);
+
+/* The whole step on the model's current input: forward, loss (summed loss
+ * and correct count as kfac_model_loss), backward(s) with capture, then
+ * inversion, preconditioning and KL clipping of the gradients in place.
+ * `epoch` (fractional) sets the damping; `lr` the KL clip. */
+kfac_status kfac_precond_step(kfac_precond *p, long step, double epoch, float lr, int n,
+                              const int32_t *labels, float smoothing, double *loss_sum,
+                              int *correct);
+
+/* Stages on their own (kfac_precond_step calls them in this order). */
+kfac_status kfac_precond_invert_due(kfac_precond *p, double epoch);
+kfac_status kfac_precond_apply(kfac_precond *p, double epoch, float lr);
+
+/* Counters and time spent per stage since init. */
+typedef struct kfac_precond_stats {
+    int layers;               /* K-FAC (Kronecker) layers */
+    int bn_layers;            /* BN layers with a unit-wise or diagonal Fisher */
+    long factor_refreshes;    /* summed over layers */
+    long inverse_refreshes;
+    double seconds_capture, seconds_invert, seconds_precondition;
+    double last_kl_scale;
+} kfac_precond_stats;
+void kfac_precond_get_stats(const kfac_precond *p, kfac_precond_stats *out);
+
+/* Per-layer counters (for tests and logs); index < stats.layers + stats.bn_layers. */
+const char *kfac_precond_layer_name(const kfac_precond *p, int index);
+void kfac_precond_layer_counts(const kfac_precond *p, int index, long *factors, long *inverses);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
