@@ -44,9 +44,10 @@ static void on_epoch(const kfac_epoch_metrics *m, void *user)
 {
     if (isatty(STDOUT_FILENO)) printf("\r\033[K");
     printf("epoch %3d  lr %.4f  train_loss %.4f  train_acc %.2f%%  test_loss %.4f  "
-           "test_acc %.2f%%  %.0f img/s  %.1fs (total %.1fs)\n",
-           m->epoch, m->lr, m->train_loss, 100 * m->train_acc, m->test_loss, 100 * m->test_acc,
-           m->images_per_s, m->epoch_seconds, m->seconds);
+           "test_acc %.2f%%",
+           m->epoch, m->lr, m->train_loss, 100 * m->train_acc, m->test_loss, 100 * m->test_acc);
+    if (m->test_acc_precise_bn >= 0) printf("  (precise BN %.2f%%)", 100 * m->test_acc_precise_bn);
+    printf("  %.0f img/s  %.1fs (total %.1fs)\n", m->images_per_s, m->epoch_seconds, m->seconds);
     fflush(stdout);
 }
 

@@ -26,6 +26,7 @@ typedef struct trainer {
     kfac_lr_schedule schedule;
     int32_t *labels;
     float *host_images; /* batch staging when the backend is not the host */
+    float *bn_saved;    /* BN running statistics kept aside during precise BN */
     FILE *metrics;
 } trainer;
 
@@ -162,7 +163,9 @@ static kfac_status build_model(trainer *t)
     t->labels = malloc((size_t)max_batch * sizeof(int32_t));
     size_t image = (size_t)t->train_set->height * t->train_set->width * t->train_set->channels;
     t->host_images = malloc((size_t)max_batch * image * sizeof(float));
-    if (!t->labels || !t->host_images) return KFAC_ERR(KFAC_ENOMEM, "trainer: out of memory");
+    t->bn_saved = malloc((kfac_model_buffer_count(t->model) + 1) * sizeof(float));
+    if (!t->labels || !t->host_images || !t->bn_saved)
+        return KFAC_ERR(KFAC_ENOMEM, "trainer: out of memory");
     return KFAC_OK;
 }
 
@@ -218,6 +221,19 @@ static kfac_status evaluate(trainer *t, double *loss, double *acc)
     return KFAC_OK;
 }
 
+/* Evaluates again with precise BN statistics, then puts the running
+ * statistics back, so the plain evaluation of later epochs is unaffected
+ * and both can be compared from one run. */
+static kfac_status evaluate_precise_bn(trainer *t, int epoch, kfac_epoch_metrics *em)
+{
+    size_t bytes = kfac_model_buffer_count(t->model) * sizeof(float);
+    float *stats = kfac_model_buffers(t->model);
+    KFAC_TRY(t->be->download(t->be, t->bn_saved, stats, bytes));
+    KFAC_TRY(precise_bn(t, epoch));
+    KFAC_TRY(evaluate(t, &em->test_loss_precise_bn, &em->test_acc_precise_bn));
+    return t->be->upload(t->be, stats, t->bn_saved, bytes);
+}
+
 static kfac_status train_epoch(trainer *t, int epoch, long *step, kfac_epoch_metrics *em,
                                const kfac_train_callbacks *cb)
 {
@@ -267,6 +283,9 @@ static void write_metrics(FILE *f, const kfac_epoch_metrics *m, int kfac)
             "\"images_per_s\": %.1f, \"epoch_seconds\": %.3f, \"seconds\": %.3f",
             m->epoch, m->step, m->lr, m->train_loss, m->train_acc, m->test_loss, m->test_acc,
             m->images_per_s, m->epoch_seconds, m->seconds);
+    if (m->test_acc_precise_bn >= 0)
+        fprintf(f, ", \"test_loss_precise_bn\": %.6f, \"test_acc_precise_bn\": %.6f",
+                m->test_loss_precise_bn, m->test_acc_precise_bn);
     if (kfac)
         fprintf(f, ", \"kfac_capture_s\": %.3f, \"kfac_invert_s\": %.3f, \"kfac_precondition_s\": %.3f",
                 m->seconds_capture, m->seconds_invert, m->seconds_precondition);
@@ -302,13 +321,13 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
         cb->on_start(summary, cb->user);
     }
     long step = 0;
-    kfac_epoch_metrics em = {0};
+    kfac_epoch_metrics em = {.test_acc_precise_bn = -1, .test_loss_precise_bn = -1};
     for (int epoch = 0; epoch < job->train.epochs; epoch++) {
         if (job->train.max_steps > 0 && step >= job->train.max_steps) break;
         double t0 = now_seconds();
         KFAC_TRY(train_epoch(t, epoch, &step, &em, cb));
-        if (t->bn_batches) KFAC_TRY(precise_bn(t, epoch));
         KFAC_TRY(evaluate(t, &em.test_loss, &em.test_acc));
+        if (t->bn_batches) KFAC_TRY(evaluate_precise_bn(t, epoch, &em));
         if (t->kfac) {
             kfac_precond_stats ks;
             kfac_precond_get_stats(t->kfac, &ks);
@@ -335,6 +354,7 @@ kfac_status kfac_train_run(const kfac_job *job, const kfac_train_callbacks *cb,
     if (t.metrics) fclose(t.metrics);
     free(t.labels);
     free(t.host_images);
+    free(t.bn_saved);
     kfac_precond_free(t.kfac);
     kfac_sgd_free(t.sgd);
     kfac_batcher_free(t.bn_batches);

@@ -7,7 +7,8 @@
  *   METRICS         JSON lines, one object per epoch: epoch, lr, train_loss,
  *                   train_acc, test_loss, test_acc, images_per_s,
  *                   epoch_seconds, seconds (elapsed since start); with K-FAC
- *                   also kfac_capture_s, kfac_invert_s, kfac_precondition_s
+ *                   also kfac_capture_s, kfac_invert_s, kfac_precondition_s;
+ *                   with precise BN also test_loss_precise_bn, test_acc_precise_bn
  * The library prints nothing: callers get each epoch (and progress within
  * an epoch) through callbacks.
  */
@@ -26,6 +27,7 @@ typedef struct kfac_epoch_metrics {
     double lr;               /* learning rate at the end of the epoch */
     double train_loss, train_acc;
     double test_loss, test_acc;
+    double test_loss_precise_bn, test_acc_precise_bn; /* -1 unless train.precise_bn_images */
     double images_per_s;     /* training images / training seconds of this epoch */
     double epoch_seconds;    /* training + evaluation of this epoch */
     double seconds;          /* since the start of the run */
