@@ -101,7 +101,7 @@ static const key_spec KEYS[] = {
     KEY(model, zero_init_residual, T_BOOL, "false", ANY,
         "start the last batch-norm scale of each residual block at zero"),
 
-    KEY(data, format, T_STR, "idx", ONE_OF("idx"), "dataset file format"),
+    KEY(data, format, T_STR, "idx", ONE_OF("idx|hdf5"), "dataset file format (hdf5: shards made by kfac prep; training reads them once the HDF5 loader lands)"),
     KEY(data, path, T_STR, "/usr/share/datasets/fashion-mnist", ANY, "folder holding the dataset files"),
     KEY(data, augment, T_BOOL, "true", ANY, "augment training images (random pad-crop)"),
     KEY(data, pad, T_INT, "2", AT_LEAST(0), "pad-crop padding in pixels"),
