@@ -283,7 +283,7 @@ static void test_range_errors(void)
     EXPECT_ERROR("model:\n  name: resnet9\n", KFAC_EINVAL,
                  ":2:9: model.name: must be one of resnet8-fmnist|resnet20|resnet32|resnet18|resnet34|resnet50, "
                  "got 'resnet9'");
-    EXPECT_ERROR("data:\n  format: hdf5\n", KFAC_EINVAL, ":2:11: data.format: must be one of idx, got 'hdf5'");
+    EXPECT_ERROR("data:\n  format: jpeg\n", KFAC_EINVAL, ":2:11: data.format: must be one of idx|hdf5, got 'jpeg'");
     EXPECT_ERROR("optimizer:\n  name: adam\n", KFAC_EINVAL, ":2:9: optimizer.name: must be one of sgd|kfac, got 'adam'");
     EXPECT_ERROR("output:\n  dir: ''\n", KFAC_EINVAL, ":2:8: output.dir: must not be empty");
     EXPECT_ERROR("schedule:\n  decay_start_epoch: 10\n  decay_end_epoch: 5\n", KFAC_EINVAL,

@@ -101,8 +101,9 @@ static kfac_status open_data(trainer *t)
 {
     const kfac_job *job = t->job;
     if (strcmp(job->data.format, "idx") != 0)
-        return KFAC_ERR(KFAC_ENOTSUP, "data.format '%s' is not supported yet (known: idx)",
-                        job->data.format);
+        return KFAC_ERR(KFAC_ENOTSUP,
+                        "data.format '%s': training reads only idx files so far (the HDF5 loader "
+                        "is not built yet)", job->data.format);
     KFAC_TRY(kfac_dataset_open_idx(job->data.path, KFAC_SPLIT_TRAIN, &t->train_set));
     KFAC_TRY(kfac_dataset_open_idx(job->data.path, KFAC_SPLIT_TEST, &t->test_set));
     kfac_batcher_config cfg = {
@@ -298,16 +299,17 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
     const kfac_job *job = t->job;
     char path[2 * KFAC_JOB_STR + 2];
     double start = now_seconds();
+    /* Inputs first: a job that cannot run leaves no output behind. */
+    KFAC_TRY(kfac_backend_get("cpu", job->train.threads, &t->be));
+    KFAC_TRY(schedule_from_job(job, &t->schedule));
+    KFAC_TRY(open_data(t));
+    KFAC_TRY(build_model(t));
     KFAC_TRY(make_dirs(job->output.dir));
     snprintf(path, sizeof path, "%s/job.yaml", job->output.dir);
     KFAC_TRY(kfac_job_write_yaml(job, path));
     snprintf(path, sizeof path, "%s/%s", job->output.dir, job->output.metrics);
     t->metrics = fopen(path, "w");
     if (!t->metrics) return KFAC_ERR(KFAC_EIO, "%s: cannot create: %s", path, strerror(errno));
-    KFAC_TRY(kfac_backend_get("cpu", job->train.threads, &t->be));
-    KFAC_TRY(schedule_from_job(job, &t->schedule));
-    KFAC_TRY(open_data(t));
-    KFAC_TRY(build_model(t));
     if (cb && cb->on_start) {
         char summary[512];
         snprintf(summary, sizeof summary,
