@@ -191,6 +191,28 @@ static void check_sampled(void)
     kfac_model_free(m);
 }
 
+/* Layers whose names match an exclude pattern stay on plain SGD. */
+static void check_exclude(void)
+{
+    kfac_model *m = tiny_model();
+    kfac_precond_config cfg;
+    kfac_precond_config_defaults(&cfg);
+    cfg.exclude = "fc, layer1.*";
+    kfac_precond *p;
+    CHECK_OK(kfac_precond_init(&p, m, &cfg));
+    kfac_precond_stats st;
+    kfac_precond_get_stats(p, &st);
+    /* layer1.0 holds conv1, conv2, bn1, bn2 */
+    CHECK(st.layers == 10 - 1 - 2 && st.bn_layers == 9 - 2, "excluded: %d kron, %d bn layers left",
+          st.layers, st.bn_layers);
+    for (int i = 0; i < st.layers + st.bn_layers; i++) {
+        const char *name = kfac_precond_layer_name(p, i);
+        CHECK(strcmp(name, "fc") != 0 && strncmp(name, "layer1.", 7) != 0, "%s not excluded", name);
+    }
+    kfac_precond_free(p);
+    kfac_model_free(m);
+}
+
 int main(void)
 {
     CHECK_OK(kfac_backend_get("cpu", 2, &be));
@@ -199,6 +221,7 @@ int main(void)
     check_fc_preconditioning(KFAC_INVERSE_EIG);
     check_fc_preconditioning(KFAC_INVERSE_CHOLESKY);
     check_sampled();
+    check_exclude();
     kfac_backend_free(be);
     return test_summary("test_precond");
 }
