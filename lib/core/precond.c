@@ -293,8 +293,8 @@ static void capture_bn(kfac_precond *p, layer *L, const kfac_layer_view *v, int 
         }
     }
     kfac_bn_unit_fisher(ns, c, p->sg, p->sb, L->fisher_batch);
-    double change = fold(p, 3, L->fisher, L->fisher_batch, 3 * (size_t)c, !L->has_factors);
-    (void)change; /* the 2x2 blocks are cheap: BN refreshes on the base interval */
+    fold(p, 3, L->fisher, L->fisher_batch, 3 * (size_t)c, !L->has_factors);
+    /* The 2x2 blocks are cheap: BN refreshes on the base interval. */
     L->next_factor = p->step + p->cfg.factor_interval;
 }
 

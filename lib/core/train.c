@@ -71,7 +71,7 @@ static kfac_status schedule_from_job(const kfac_job *job, kfac_lr_schedule *s)
     return KFAC_OK;
 }
 
-static kfac_status precond_config_from_job(const kfac_job *job, kfac_precond_config *c)
+static void precond_config_from_job(const kfac_job *job, kfac_precond_config *c)
 {
     const typeof(job->optimizer.kfac) *k = &job->optimizer.kfac;
     kfac_precond_config_defaults(c);
@@ -94,7 +94,6 @@ static kfac_status precond_config_from_job(const kfac_job *job, kfac_precond_con
                                              : KFAC_BN_UNITWISE;
     c->exclude = k->exclude;
     c->seed = job->train.seed;
-    return KFAC_OK;
 }
 
 static kfac_status open_data(trainer *t)
@@ -158,7 +157,7 @@ static kfac_status build_model(trainer *t)
     KFAC_TRY(kfac_sgd_init(&t->sgd, t->model, &sgd));
     if (strcmp(job->optimizer.name, "kfac") == 0) {
         kfac_precond_config kc;
-        KFAC_TRY(precond_config_from_job(job, &kc));
+        precond_config_from_job(job, &kc);
         KFAC_TRY(kfac_precond_init(&t->kfac, t->model, &kc));
     }
     t->labels = malloc((size_t)max_batch * sizeof(int32_t));

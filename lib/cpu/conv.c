@@ -25,7 +25,7 @@
 
 static size_t round_up(size_t n) { return (n + ALIGN_FLOATS - 1) / ALIGN_FLOATS * ALIGN_FLOATS; }
 
-static int is_pointwise(const kfac_conv_desc *d)
+int kfac__cpu_conv_is_pointwise(const kfac_conv_desc *d)
 {
     return d->kh == 1 && d->kw == 1 && d->stride == 1 && d->pad == 0;
 }
@@ -152,6 +152,14 @@ KFAC_INLINE_LOOPS void kfac__cpu_im2col(const kfac_conv_desc *d, const float *x,
     }
 }
 
+const float *kfac__cpu_patch_rows(const kfac_conv_desc *d, const float *x, size_t row0,
+                                  size_t rows, float *cols)
+{
+    if (kfac__cpu_conv_is_pointwise(d)) return x + row0 * patch_len(d);
+    kfac__cpu_im2col(d, x, row0, rows, cols);
+    return cols;
+}
+
 /* Adds dcols(rows, KD) back onto the input pixels they were gathered from. */
 static void col2im_add(const kfac_conv_desc *d, const float *dcols, size_t row0, size_t rows,
                        float *dx)
@@ -184,7 +192,6 @@ kfac_status kfac__cpu_conv_forward(kfac_backend *be, const kfac_conv_desc *d, co
 {
     const size_t total = (size_t)d->n * d->ho * d->wo, kd = patch_len(d), k = (size_t)d->k;
     const size_t cr = chunk_rows(d);
-    const int pointwise = is_pointwise(d);
 #pragma omp parallel num_threads(be->threads)
     {
         int t = omp_get_thread_num();
@@ -193,11 +200,7 @@ kfac_status kfac__cpu_conv_forward(kfac_backend *be, const kfac_conv_desc *d, co
         split_range(total, t, omp_get_num_threads(), &first, &end);
         for (size_t r = first; r < end; r += cr) {
             size_t rows = end - r < cr ? end - r : cr;
-            const float *a = x + r * kd;
-            if (!pointwise) {
-                kfac__cpu_im2col(d, x, r, rows, tw.cols);
-                a = tw.cols;
-            }
+            const float *a = kfac__cpu_patch_rows(d, x, r, rows, tw.cols);
             float *out = y + r * k;
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)k, (int)kd, 1.0f,
                         a, (int)kd, w, (int)kd, 0.0f, out, (int)k);
@@ -216,7 +219,7 @@ static void conv_backward_images(const kfac_conv_desc *d, const float *x, const 
 {
     const size_t plane = (size_t)d->ho * d->wo, kd = patch_len(d), k = (size_t)d->k;
     const size_t cr = chunk_rows(d), image = (size_t)d->h * d->w * d->c;
-    const int pointwise = is_pointwise(d);
+    const int pointwise = kfac__cpu_conv_is_pointwise(d);
     memset(tw.dw, 0, k * kd * sizeof(float));
     memset(tw.db, 0, k * sizeof(double));
     if (dx && !accumulate && !pointwise)
@@ -224,11 +227,7 @@ static void conv_backward_images(const kfac_conv_desc *d, const float *x, const 
     for (size_t r = n_first * plane, end = n_end * plane; r < end; r += cr) {
         size_t rows = end - r < cr ? end - r : cr;
         const float *g = dy + r * k;
-        const float *a = x + r * kd;
-        if (!pointwise) {
-            kfac__cpu_im2col(d, x, r, rows, tw.cols);
-            a = tw.cols;
-        }
+        const float *a = kfac__cpu_patch_rows(d, x, r, rows, tw.cols);
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)k, (int)kd, (int)rows, 1.0f, g,
                     (int)k, a, (int)kd, 1.0f, tw.dw, (int)kd);
         if (want_db)

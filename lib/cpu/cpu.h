@@ -24,6 +24,14 @@ static inline kfac_cpu *kfac__cpu(kfac_backend *be) { return (kfac_cpu *)be->imp
 void kfac__cpu_im2col(const kfac_conv_desc *d, const float *x, size_t row0, size_t rows,
                       float *cols);
 
+/* A 1x1, stride-1, unpadded convolution: its input rows are its patches. */
+int kfac__cpu_conv_is_pointwise(const kfac_conv_desc *d);
+
+/* The patch rows [row0, row0+rows): x itself for a pointwise convolution,
+ * else gathered into cols by kfac__cpu_im2col. */
+const float *kfac__cpu_patch_rows(const kfac_conv_desc *d, const float *x, size_t row0,
+                                  size_t rows, float *cols);
+
 size_t kfac__cpu_conv_workspace(const kfac_backend *be, const kfac_conv_desc *d);
 kfac_status kfac__cpu_conv_forward(kfac_backend *be, const kfac_conv_desc *d, const float *x,
                                    const float *w, const float *bias, float *y, void *ws);

@@ -158,17 +158,11 @@ static void gram_patch_rows(const kfac_conv_desc *d, const float *x, int append_
                             size_t first, size_t end)
 {
     const size_t kd = patch_len(d), cr = gram_chunk_rows(kd);
-    /* 1x1, stride 1, no padding: the patch rows are x itself. */
-    const int pointwise = d->kh == 1 && d->kw == 1 && d->stride == 1 && d->pad == 0;
     memset(tw.gram, 0, kd * kd * sizeof(float));
     if (append_one) memset(tw.sums, 0, kd * sizeof(double));
     for (size_t r = first; r < end; r += cr) {
         size_t rows = end - r < cr ? end - r : cr;
-        const float *a = x + r * kd;
-        if (!pointwise) {
-            kfac__cpu_im2col(d, x, r, rows, tw.cols);
-            a = tw.cols;
-        }
+        const float *a = kfac__cpu_patch_rows(d, x, r, rows, tw.cols);
         cblas_ssyrk(CblasRowMajor, CblasLower, CblasTrans, (int)kd, (int)rows, 1.0f, a, (int)kd,
                     1.0f, tw.gram, (int)kd);
         if (append_one) add_column_sums(rows, kd, a, tw.sums);
