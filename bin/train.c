@@ -1,11 +1,14 @@
 /* train.c - `kfac train JOB.yaml [--set key=value ...]`: loads the job,
- * runs kfac_train_run and prints progress and one line per epoch. */
+ * finds the ranks (kfac_topo), runs kfac_train_run and prints progress and
+ * one line per epoch (rank 0).  A failing rank prints its rank and host and
+ * aborts the whole job, so no rank waits forever in a collective. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "commands.h"
+#include "kfac/kfac_topo.h"
 #include "kfac/kfac_train.h"
 
 #define MAX_SETS 128
@@ -14,9 +17,14 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "usage: kfac train JOB.yaml [--set section.key=value ...]\n"
+            "       srun --mpi=pmix [-N nodes] [-n ranks] kfac train JOB.yaml ...\n"
+            "       mpirun -n ranks kfac train JOB.yaml ...\n"
             "\n"
-            "Trains the job's model in this process and writes job.yaml (the resolved\n"
-            "job) and a JSON-lines metrics file (one object per epoch) to output.dir.\n"
+            "Trains the job's model and writes job.yaml (the resolved job) and a\n"
+            "JSON-lines metrics file (one object per epoch) to output.dir.  Started by\n"
+            "srun or mpirun, the ranks train data-parallel: train.batch_size is the\n"
+            "global batch, split evenly over ranks (see distributed.* in --help-keys);\n"
+            "rank 0 prints the node map and writes the output.\n"
             "\n"
             "options:\n"
             "  --set KEY=VALUE  override one job key, e.g. --set train.epochs=1\n"
@@ -25,6 +33,10 @@ static void usage(FILE *out)
             "  -q, --quiet      no progress lines within an epoch\n"
             "  -h, --help       this text\n");
 }
+
+/* Redraw progress in place only on a terminal of a single process
+ * (launchers give ranks a pseudo-terminal that is not the user's). */
+static int live_terminal;
 
 static void on_start(const char *summary, void *user)
 {
@@ -35,14 +47,14 @@ static void on_start(const char *summary, void *user)
 static void on_progress(int epoch, int step, int steps, double loss, void *user)
 {
     /* On a terminal, redraw one line; in a log, print nothing within epochs. */
-    if (!isatty(STDOUT_FILENO)) return;
+    if (!live_terminal) return;
     printf("\repoch %d  step %d/%d  loss %.4f", epoch, step, steps, loss);
     fflush(stdout);
 }
 
 static void on_epoch(const kfac_epoch_metrics *m, void *user)
 {
-    if (isatty(STDOUT_FILENO)) printf("\r\033[K");
+    if (live_terminal) printf("\r\033[K");
     printf("epoch %3d  lr %.4f  train_loss %.4f  train_acc %.2f%%  test_loss %.4f  "
            "test_acc %.2f%%",
            m->epoch, m->lr, m->train_loss, 100 * m->train_acc, m->test_loss, 100 * m->test_acc);
@@ -104,13 +116,39 @@ int kfac_cmd_train(int argc, char **argv)
         .progress_every = 1,
         .on_epoch = on_epoch,
     };
-    kfac_epoch_metrics final;
-    if (kfac_train_run(&job, &cb, &final) != KFAC_OK) {
+    kfac_topo *topo;
+    if (kfac_topo_init(&topo, 0) != KFAC_OK) {
         fprintf(stderr, "kfac train: %s\n", kfac_last_error());
-        if (getenv("KFAC_DEBUG")) fprintf(stderr, "  (raised at %s)\n", kfac_last_error_where());
         return 1;
     }
-    printf("done: test accuracy %.2f%% after %d epochs in %.1f s; metrics in %s/%s\n",
-           100 * final.test_acc, final.epoch, final.seconds, job.output.dir, job.output.metrics);
+    const kfac_rank_info *me = kfac_topo_self(topo);
+    int distributed = me->size > 1;
+    live_terminal = !distributed && isatty(STDOUT_FILENO);
+    if (distributed && me->rank == 0) {
+        static char map[64 * 1024];
+        kfac_topo_format_map(topo, map, sizeof map);
+        printf("%d ranks on %d nodes (from %s):\n%s", me->size, me->num_nodes,
+               kfac_topo_source_name(kfac_topo_source_used(topo)), map);
+        fflush(stdout);
+    }
+    kfac_epoch_metrics final;
+    if (kfac_train_run(&job, distributed ? kfac_topo_world(topo) : NULL, &cb,
+                       &final) != KFAC_OK) {
+        if (distributed)
+            fprintf(stderr, "kfac train: rank %d on %s: %s\n", me->rank, me->host,
+                    kfac_last_error());
+        else
+            fprintf(stderr, "kfac train: %s\n", kfac_last_error());
+        if (getenv("KFAC_DEBUG")) fprintf(stderr, "  (raised at %s)\n", kfac_last_error_where());
+        fflush(stderr);
+        if (distributed) kfac_comm_abort(kfac_topo_world(topo), 1); /* ends every rank */
+        kfac_topo_free(topo);
+        return 1;
+    }
+    if (me->rank == 0)
+        printf("done: test accuracy %.2f%% after %d epochs in %.1f s; metrics in %s/%s\n",
+               100 * final.test_acc, final.epoch, final.seconds, job.output.dir,
+               job.output.metrics);
+    kfac_topo_free(topo);
     return 0;
 }

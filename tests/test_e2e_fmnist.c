@@ -36,7 +36,7 @@ int main(void)
     CHECK_OK(kfac_job_load(&job, path, 0, NULL));
     kfac_train_callbacks cb = {.on_progress = on_progress, .progress_every = 25};
     kfac_epoch_metrics em;
-    CHECK_OK(kfac_train_run(&job, &cb, &em));
+    CHECK_OK(kfac_train_run(&job, NULL, &cb, &em));
     printf("first 25-step loss %.3f, last %.3f, epoch train loss %.3f, test acc %.2f%%, %.0f img/s\n",
            first_loss, last_loss, em.train_loss, 100 * em.test_acc, em.images_per_s);
     CHECK(em.step == 300, "ran %ld steps", em.step);

@@ -227,7 +227,7 @@ static void test_file_errors(void)
                  ":5:3: unknown key 'momentun' in section 'optimizer' "
                  "(known: name, momentum, nesterov, weight_decay, decay_bn_and_bias, kfac)");
     EXPECT_ERROR("# comment\noptimiser:\n  momentum: 0.9\n", KFAC_EINVAL,
-                 ":2:1: unknown section 'optimiser' (known: model, data, optimizer, schedule, train, output)");
+                 ":2:1: unknown section 'optimiser' (known: model, data, optimizer, schedule, train, distributed, output)");
     EXPECT_ERROR("optimizer:\n  momentum: 0.9\n  nesterov: a: b\n", KFAC_EFORMAT,
                  ":3:14: bad YAML: mapping values are not allowed in this context");
     EXPECT_ERROR("train:\n  epochs: [1, 2\n", KFAC_EFORMAT, ":3:1: bad YAML: ");
@@ -248,7 +248,7 @@ static void test_file_errors(void)
     EXPECT_ERROR("data:\n  mean: inf\n", KFAC_EINVAL, ":2:9: data.mean: expected a number, got 'inf'");
     EXPECT_ERROR("model: resnet20\n", KFAC_EINVAL, ":1:8: section 'model' must be a mapping of keys, got a scalar");
     EXPECT_ERROR("- model\n- data\n", KFAC_EINVAL,
-                 ":1:1: expected a mapping of sections (model, data, optimizer, schedule, train, output), got a list");
+                 ":1:1: expected a mapping of sections (model, data, optimizer, schedule, train, distributed, output), got a list");
     EXPECT_ERROR("train:\n  [a]: 1\n", KFAC_EINVAL, ":2:3: expected a key name, got a list");
 
     EXPECT_ERROR("schedule:\n  milestones: 30\n", KFAC_EINVAL,

@@ -166,6 +166,18 @@ static const key_spec KEYS[] = {
     KEY(train, max_steps, T_INT, "0", AT_LEAST(0), "stop after this many steps in total (0: no limit)"),
     KEY(train, precise_bn_images, T_INT, "0", AT_LEAST(0),
         "before each evaluation, recompute BN running statistics over this many training images (0: off)"),
+    KEY(train, micro_batches, T_INT, "1", AT_LEAST(1),
+        "each rank's share of a batch runs as this many micro-batches whose gradients are summed "
+        "(BN statistics are per micro-batch)"),
+
+    KEY(distributed, bucket_mb, T_FLOAT, "25", ABOVE(0), "gradient all-reduce bucket size in MiB"),
+    KEY(distributed, overlap, T_BOOL, "true", ANY,
+        "start each gradient bucket's all-reduce during backward, as soon as the bucket is final"),
+    KEY(distributed, factor_dtype, T_STR, "f32", ONE_OF("f32|f16|bf16"),
+        "element type of K-FAC factor traffic between ranks"),
+    KEY(distributed, factor_reduce, T_STR, "refresh", ONE_OF("refresh|inverse"),
+        "when K-FAC factors are reduced to their owners: at every factor refresh, or only when an "
+        "inversion needs them (ranks keep local running averages in between)"),
 
     KEY(output, dir, T_STR, "runs/job", ANY, "output folder, created if missing"),
     KEY(output, metrics, T_STR, "metrics.jsonl", ANY, "JSON-lines metrics file inside output.dir"),

@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "kfac/kfac_factors.h"
+#include "kfac/kfac_placement.h"
 #include "kfac/kfac_precond.h"
 #include "kfac/kfac_rng.h"
 
@@ -24,9 +25,13 @@ typedef struct layer {
     float *qa, *da, *qg, *dg;    /* eigendecompositions (eig path) */
     int channels;                /* bn */
     float *fisher, *fisher_batch;/* bn: 3 per channel */
+    float *fisher_shared;        /* bn, reduce_at_inverse: the ranks' mean at inversion */
     int has_factors, has_inverse, stale;
     int factor_due, inverse_due;
     int interval;                /* current factor refresh interval (adaptive) */
+    int owner;                   /* rank that reduces, inverts and preconditions */
+    size_t factor_len;           /* packed A + packed G, or 3 per BN channel */
+    size_t grad_len, grad_off;   /* gradient floats, offset in the by-owner buffer */
     long next_factor, next_inverse;
     long factor_count, inverse_count;
 } layer;
@@ -40,6 +45,20 @@ struct kfac_precond {
     int num_layers;              /* Kronecker layers first, then BN layers */
     int *layer_of_node;          /* node -> layer index, -1 */
     long step;                   /* the step being run (capture reads it) */
+    int micro_batches, micro;    /* this step's micro-batches, the one running */
+    int any_factor_due;
+    kfac_comm *comm, *self_comm; /* self_comm: the default, single process */
+    int rank, size;
+    kfac_placement plan;
+    int *order;                  /* layer indices by (owner, index) */
+    size_t *counts;              /* per-rank factor block sizes (scratch) */
+    size_t *grad_counts;         /* per-rank gradient block sizes (fixed by the plan) */
+    float *gbuf, *grecv;         /* K-FAC gradients by owner; this rank's block */
+    float *fsend, *frecv;        /* factor traffic */
+    uint16_t *fsend16, *frecv16; /* the same in f16/bf16 */
+    float *micro_tmp;            /* one micro-batch's factor estimate */
+    double *changes;             /* per-layer factor change (adaptive interval) */
+    unsigned char *tensor_owned; /* parameter tensors of K-FAC layers */
     void *gram_ws;
     float *sg, *sb;              /* bn per-sample sums: max_batch x max channels */
     float *gmat, *pmat, *tmp;    /* k x d gradient scratch, largest layer */
@@ -96,6 +115,8 @@ static kfac_status init_kron_layer(kfac_precond *p, layer *L, const kfac_layer_v
     L->dw = v->conv.kh * v->conv.kw * v->conv.c;
     L->d = L->dw + (L->bias >= 0);
     size_t pa = kfac_packed_len(L->d), pg = kfac_packed_len(L->k);
+    L->factor_len = pa + pg;
+    L->grad_len = (size_t)L->k * L->d;
     KFAC_TRY(alloc_floats(p, pa, &L->a));
     KFAC_TRY(alloc_floats(p, pa, &L->a_batch));
     KFAC_TRY(alloc_floats(p, pg, &L->g));
@@ -149,8 +170,12 @@ static kfac_status init_layers(kfac_precond *p)
                 p->stats.layers++;
             } else {
                 L->channels = v.channels;
+                L->factor_len = 3 * (size_t)L->channels;
+                L->grad_len = 2 * (size_t)L->channels;
                 KFAC_TRY(alloc_floats(p, 3 * (size_t)L->channels, &L->fisher));
                 KFAC_TRY(alloc_floats(p, 3 * (size_t)L->channels, &L->fisher_batch));
+                if (p->cfg.reduce_at_inverse)
+                    KFAC_TRY(alloc_floats(p, 3 * (size_t)L->channels, &L->fisher_shared));
                 max_c = (size_t)v.channels > max_c ? (size_t)v.channels : max_c;
                 p->stats.bn_layers++;
             }
@@ -161,7 +186,34 @@ static kfac_status init_layers(kfac_precond *p)
     KFAC_TRY(alloc_floats(p, max_kd, &p->gmat));
     KFAC_TRY(alloc_floats(p, max_kd, &p->pmat));
     KFAC_TRY(alloc_floats(p, max_kd, &p->tmp));
-    return alloc_floats(p, max_order * max_order, &p->chol_ws);
+    KFAC_TRY(alloc_floats(p, max_order * max_order, &p->chol_ws));
+    size_t max_factor = 1, factors = 0, grads = 0;
+    for (int i = 0; i < p->num_layers; i++) {
+        layer *L = &p->layers[i];
+        max_factor = L->factor_len > max_factor ? L->factor_len : max_factor;
+        factors += L->factor_len;
+        grads += L->grad_len;
+    }
+    KFAC_TRY(alloc_floats(p, max_factor, &p->micro_tmp));
+    KFAC_TRY(alloc_floats(p, factors, &p->fsend));
+    KFAC_TRY(alloc_floats(p, factors, &p->frecv));
+    KFAC_TRY(alloc_floats(p, grads, &p->gbuf));
+    KFAC_TRY(alloc_floats(p, grads, &p->grecv));
+    p->changes = malloc(((size_t)p->num_layers + 1) * sizeof(double));
+    p->order = malloc(((size_t)p->num_layers + 1) * sizeof(int));
+    p->tensor_owned = calloc((size_t)kfac_model_num_param_tensors(m) + 1, 1);
+    if (!p->changes || !p->order || !p->tensor_owned)
+        return KFAC_ERR(KFAC_ENOMEM, "kfac: out of memory");
+    for (int i = 0; i < p->num_layers; i++) {
+        p->tensor_owned[p->layers[i].weight] = 1;
+        if (p->layers[i].bias >= 0) p->tensor_owned[p->layers[i].bias] = 1;
+    }
+    if (p->cfg.factor_dtype != KFAC_F32) {
+        p->fsend16 = malloc(factors * sizeof(uint16_t) + 2);
+        p->frecv16 = malloc(factors * sizeof(uint16_t) + 2);
+        if (!p->fsend16 || !p->frecv16) return KFAC_ERR(KFAC_ENOMEM, "kfac: out of memory");
+    }
+    return KFAC_OK;
 }
 
 kfac_status kfac_precond_init(kfac_precond **out, kfac_model *m, const kfac_precond_config *cfg)
@@ -176,6 +228,9 @@ kfac_status kfac_precond_init(kfac_precond **out, kfac_model *m, const kfac_prec
         return KFAC_ERR(KFAC_EINVAL, "kfac: subsample %g outside (0, 1]", cfg->subsample);
     if (cfg->exact_kronecker && cfg->inverse != KFAC_INVERSE_EIG)
         return KFAC_ERR(KFAC_EINVAL, "kfac: exact_kronecker needs the eig inverse");
+    if (cfg->factor_dtype != KFAC_F32 && cfg->factor_dtype != KFAC_F16 &&
+        cfg->factor_dtype != KFAC_BF16)
+        return KFAC_ERR(KFAC_EINVAL, "kfac: factor traffic must be f32, f16 or bf16");
     kfac_precond *p = calloc(1, sizeof *p);
     if (!p) return KFAC_ERR(KFAC_ENOMEM, "kfac: out of memory");
     p->model = m;
@@ -184,6 +239,8 @@ kfac_status kfac_precond_init(kfac_precond **out, kfac_model *m, const kfac_prec
     snprintf(p->exclude, sizeof p->exclude, "%s", cfg->exclude ? cfg->exclude : "");
     p->cfg.exclude = p->exclude;
     kfac_status st = init_layers(p);
+    if (st == KFAC_OK) st = kfac_comm_self(&p->self_comm);
+    if (st == KFAC_OK) st = kfac_precond_set_comm(p, p->self_comm);
     if (st != KFAC_OK) {
         kfac_precond_free(p);
         return st;
@@ -203,14 +260,86 @@ void kfac_precond_free(kfac_precond *p)
         RELEASE(L->a); RELEASE(L->g); RELEASE(L->a_batch); RELEASE(L->g_batch);
         RELEASE(L->ainv); RELEASE(L->ginv); RELEASE(L->qa); RELEASE(L->da);
         RELEASE(L->qg); RELEASE(L->dg); RELEASE(L->fisher); RELEASE(L->fisher_batch);
+        RELEASE(L->fisher_shared);
     }
     RELEASE(p->gram_ws); RELEASE(p->sg); RELEASE(p->sb); RELEASE(p->gmat);
     RELEASE(p->pmat); RELEASE(p->tmp); RELEASE(p->chol_ws);
+    RELEASE(p->micro_tmp); RELEASE(p->fsend); RELEASE(p->frecv); RELEASE(p->gbuf);
+    RELEASE(p->grecv);
 #undef RELEASE
+    kfac_placement_free(&p->plan);
+    kfac_comm_free(p->self_comm);
+    free(p->fsend16);
+    free(p->frecv16);
+    free(p->changes);
+    free(p->order);
+    free(p->tensor_owned);
     free(p->layers);
     free(p->layer_of_node);
     free(p);
 }
+
+/* ---- distribution ---- */
+
+static int by_owner(const kfac_precond *p, int a, int b)
+{
+    int oa = p->layers[a].owner, ob = p->layers[b].owner;
+    return oa != ob ? oa - ob : a - b;
+}
+
+kfac_status kfac_precond_set_comm(kfac_precond *p, kfac_comm *comm)
+{
+    double *cost = malloc(((size_t)p->num_layers + 1) * sizeof(double));
+    size_t *counts = calloc(2 * (size_t)kfac_comm_size(comm), sizeof(size_t));
+    if (!cost || !counts) {
+        free(cost);
+        free(counts);
+        return KFAC_ERR(KFAC_ENOMEM, "kfac: out of memory");
+    }
+    for (int i = 0; i < p->num_layers; i++) {
+        const layer *L = &p->layers[i];
+        cost[i] = L->kind == KFAC_NODE_BN ? kfac_placement_cost_bn(L->channels)
+                                          : kfac_placement_cost(L->d, L->k);
+    }
+    kfac_placement_free(&p->plan);
+    kfac_status st = kfac_placement_greedy(p->num_layers, cost, kfac_comm_size(comm), &p->plan);
+    free(cost);
+    if (st != KFAC_OK) {
+        free(counts);
+        return st;
+    }
+    p->comm = comm;
+    p->rank = kfac_comm_rank(comm);
+    p->size = kfac_comm_size(comm);
+    free(p->counts);
+    p->counts = counts;
+    p->grad_counts = counts + p->size;
+    /* Layers sorted by owner (insertion sort: tens of layers), so each
+     * owner's layers form one block of every by-owner buffer. */
+    for (int i = 0; i < p->num_layers; i++) {
+        p->layers[i].owner = p->plan.owner[i];
+        int j = i;
+        while (j > 0 && by_owner(p, p->order[j - 1], i) > 0) {
+            p->order[j] = p->order[j - 1];
+            j--;
+        }
+        p->order[j] = i;
+    }
+    size_t off = 0;
+    for (int k = 0; k < p->num_layers; k++) {
+        layer *L = &p->layers[p->order[k]];
+        L->grad_off = off;
+        off += L->grad_len;
+        p->grad_counts[L->owner] += L->grad_len;
+    }
+    return KFAC_OK;
+}
+
+int kfac_precond_owns_tensor(const kfac_precond *p, int tensor) { return p->tensor_owned[tensor]; }
+
+int kfac_precond_layer_owner(const kfac_precond *p, int index) { return p->layers[index].owner; }
+
+static int mine(const kfac_precond *p, const layer *L) { return L->owner == p->rank; }
 
 /* ---- schedule ---- */
 
@@ -225,6 +354,7 @@ int kfac_precond_plan(kfac_precond *p, long step)
         any |= L->factor_due;
     }
     p->step = step;
+    p->any_factor_due = any;
     return any;
 }
 
@@ -238,23 +368,18 @@ static void schedule_next_factor(kfac_precond *p, layer *L, double change)
         else
             L->interval = p->cfg.factor_interval;
     }
-    L->next_factor = p->step + L->interval;
+    L->next_factor = p->step + (L->kind == KFAC_NODE_BN ? p->cfg.factor_interval : L->interval);
 }
 
 /* ---- capture (backward hook) ---- */
 
-/* Folds a batch estimate into a running factor; returns the running
- * factor's relative change. */
-static double fold(const kfac_precond *p, int order, float *running, const float *batch,
-                   size_t len, int first)
+/* The first micro-batch writes the batch estimate, later ones add to it. */
+static float *micro_target(kfac_precond *p, float *batch) { return p->micro ? p->micro_tmp : batch; }
+
+static void micro_add(const kfac_precond *p, float *batch, size_t len)
 {
-    if (first) {
-        memcpy(running, batch, len * sizeof(float));
-        return INFINITY;
-    }
-    double change = (1.0 - p->cfg.factor_decay) * kfac_factor_change(order, running, batch);
-    kfac_factor_average(len, running, batch, p->cfg.factor_decay);
-    return change;
+    if (!p->micro) return;
+    for (size_t i = 0; i < len; i++) batch[i] += p->micro_tmp[i];
 }
 
 static kfac_status capture_kron(kfac_precond *p, layer *L, const kfac_layer_view *v, int n, int ns)
@@ -263,13 +388,12 @@ static kfac_status capture_kron(kfac_precond *p, layer *L, const kfac_layer_view
     d.n = ns;
     size_t rows = (size_t)ns * d.ho * d.wo;
     /* A = mean over patch rows; G = (1/ns) sum (n dy)(n dy)^T. */
-    KFAC_TRY(kfac_gram_patches(p->be, &d, v->x, L->bias >= 0, 1.0f / (float)rows, L->a_batch,
-                               p->gram_ws));
+    KFAC_TRY(kfac_gram_patches(p->be, &d, v->x, L->bias >= 0, 1.0f / (float)rows,
+                               micro_target(p, L->a_batch), p->gram_ws));
+    micro_add(p, L->a_batch, kfac_packed_len(L->d));
     KFAC_TRY(kfac_gram_rows(p->be, rows, L->k, v->dy, 0, (float)n * (float)n / (float)ns,
-                            L->g_batch));
-    double ca = fold(p, L->d, L->a, L->a_batch, kfac_packed_len(L->d), !L->has_factors);
-    double cg = fold(p, L->k, L->g, L->g_batch, kfac_packed_len(L->k), !L->has_factors);
-    schedule_next_factor(p, L, ca > cg ? ca : cg);
+                            micro_target(p, L->g_batch)));
+    micro_add(p, L->g_batch, kfac_packed_len(L->k));
     return KFAC_OK;
 }
 
@@ -292,32 +416,170 @@ static void capture_bn(kfac_precond *p, layer *L, const kfac_layer_view *v, int 
             }
         }
     }
-    kfac_bn_unit_fisher(ns, c, p->sg, p->sb, L->fisher_batch);
-    fold(p, 3, L->fisher, L->fisher_batch, 3 * (size_t)c, !L->has_factors);
-    /* The 2x2 blocks are cheap: BN refreshes on the base interval. */
-    L->next_factor = p->step + p->cfg.factor_interval;
+    kfac_bn_unit_fisher(ns, c, p->sg, p->sb, micro_target(p, L->fisher_batch));
+    micro_add(p, L->fisher_batch, L->factor_len);
 }
 
-static kfac_status capture(kfac_model *m, int node, int n, void *user)
+kfac_status kfac_precond_capture(kfac_precond *p, int node, int n)
 {
-    kfac_precond *p = user;
     int li = p->layer_of_node[node];
     if (li < 0 || !p->layers[li].factor_due) return KFAC_OK;
     layer *L = &p->layers[li];
     double t0 = now_seconds();
     kfac_layer_view v;
-    kfac_model_layer(m, node, n, &v);
+    kfac_model_layer(p->model, node, n, &v);
     int ns = (int)ceil(p->cfg.subsample * n);
     ns = ns < 1 ? 1 : ns > n ? n : ns;
     if (L->kind == KFAC_NODE_BN)
         capture_bn(p, L, &v, n, ns);
     else
         KFAC_TRY(capture_kron(p, L, &v, n, ns));
-    L->has_factors = 1;
-    L->stale = 1;
-    L->factor_count++;
-    p->stats.factor_refreshes++;
     p->stats.seconds_capture += now_seconds() - t0;
+    return KFAC_OK;
+}
+
+static kfac_status capture_hook(kfac_model *m, int node, int n, void *user)
+{
+    return kfac_precond_capture(user, node, n);
+}
+
+/* ---- factor reduction and folding ---- */
+
+/* Folds a batch estimate into a running factor; returns the running
+ * factor's relative change. */
+static double fold(const kfac_precond *p, int order, float *running, const float *batch,
+                   size_t len, int first)
+{
+    if (first) {
+        memcpy(running, batch, len * sizeof(float));
+        return INFINITY;
+    }
+    double change = (1.0 - p->cfg.factor_decay) * kfac_factor_change(order, running, batch);
+    kfac_factor_average(len, running, batch, p->cfg.factor_decay);
+    return change;
+}
+
+static double fold_layer(kfac_precond *p, layer *L)
+{
+    if (L->kind == KFAC_NODE_BN) {
+        fold(p, 3, L->fisher, L->fisher_batch, L->factor_len, !L->has_factors);
+        return 0;
+    }
+    double ca = fold(p, L->d, L->a, L->a_batch, kfac_packed_len(L->d), !L->has_factors);
+    double cg = fold(p, L->k, L->g, L->g_batch, kfac_packed_len(L->k), !L->has_factors);
+    return ca > cg ? ca : cg;
+}
+
+/* A layer's factor storage as one list of runs: (A, G) or the BN Fisher. */
+static int factor_parts(layer *L, int running, float *part[2], size_t len[2])
+{
+    if (L->kind == KFAC_NODE_BN) {
+        part[0] = running ? L->fisher : L->fisher_batch;
+        len[0] = L->factor_len;
+        return 1;
+    }
+    part[0] = running ? L->a : L->a_batch;
+    len[0] = kfac_packed_len(L->d);
+    part[1] = running ? L->g : L->g_batch;
+    len[1] = kfac_packed_len(L->k);
+    return 2;
+}
+
+static int selected(const layer *L, int which) { return which ? L->inverse_due : L->factor_due; }
+
+/* Reduce-scatters the factors of the selected layers (which = 0: layers
+ * whose factors are due, batch estimates; 1: layers whose inverse is due,
+ * running averages) to their owners, scaled by `scale`, into the owners'
+ * batch buffers. */
+static kfac_status reduce_factors(kfac_precond *p, int which, float scale)
+{
+    size_t off = 0, elem = p->cfg.factor_dtype == KFAC_F32 ? 0 : 1;
+    memset(p->counts, 0, (size_t)p->size * sizeof(size_t));
+    for (int k = 0; k < p->num_layers; k++) {
+        layer *L = &p->layers[p->order[k]];
+        if (!selected(L, which)) continue;
+        float *part[2];
+        size_t len[2];
+        int parts = factor_parts(L, which, part, len);
+        for (int j = 0; j < parts; j++) {
+            if (elem)
+                for (size_t i = 0; i < len[j]; i++)
+                    p->fsend16[off + i] = p->cfg.factor_dtype == KFAC_F16 ? kfac_f32_to_f16(part[j][i])
+                                                                          : kfac_f32_to_bf16(part[j][i]);
+            else
+                memcpy(p->fsend + off, part[j], len[j] * sizeof(float));
+            off += len[j];
+            p->counts[L->owner] += len[j];
+        }
+    }
+    double t0 = now_seconds();
+    KFAC_TRY(kfac_comm_reduce_scatterv(p->comm, elem ? (void *)p->fsend16 : (void *)p->fsend,
+                                       elem ? (void *)p->frecv16 : (void *)p->frecv, p->counts,
+                                       p->cfg.factor_dtype, KFAC_STAGE_FACTOR_REDUCE));
+    p->stats.seconds_comm += now_seconds() - t0;
+    off = 0;
+    for (int k = 0; k < p->num_layers; k++) {
+        layer *L = &p->layers[p->order[k]];
+        if (!mine(p, L) || !selected(L, which)) continue;
+        float *part[2];
+        size_t len[2];
+        int parts = factor_parts(L, 0, part, len);
+        for (int j = 0; j < parts; j++) {
+            for (size_t i = 0; i < len[j]; i++) {
+                float x = !elem ? p->frecv[off + i]
+                          : p->cfg.factor_dtype == KFAC_F16 ? kfac_f16_to_f32(p->frecv16[off + i])
+                                                            : kfac_bf16_to_f32(p->frecv16[off + i]);
+                part[j][i] = x * scale;
+            }
+            off += len[j];
+        }
+    }
+    return KFAC_OK;
+}
+
+/* Shares each refreshed layer's factor change (known to its folder) so the
+ * adaptive schedule advances identically on every rank. */
+static kfac_status share_changes(kfac_precond *p)
+{
+    if (p->cfg.adaptive_threshold <= 0 || p->size == 1 || p->cfg.reduce_at_inverse) return KFAC_OK;
+    double t0 = now_seconds();
+    kfac_status st = kfac_comm_allreduce(p->comm, p->changes, (size_t)p->num_layers, KFAC_F64,
+                                         KFAC_STAGE_OTHER);
+    p->stats.seconds_comm += now_seconds() - t0;
+    return st;
+}
+
+/* The step's factor refresh: batch estimates (summed over micro-batches)
+ * become running averages, on the owners, or locally with reduce_at_inverse. */
+static kfac_status refresh_factors(kfac_precond *p)
+{
+    float mean = 1.0f / (float)p->micro_batches;
+    if (!p->cfg.reduce_at_inverse) KFAC_TRY(reduce_factors(p, 0, mean / (float)p->size));
+    for (int i = 0; i < p->num_layers; i++) {
+        layer *L = &p->layers[i];
+        p->changes[i] = 0;
+        if (!L->factor_due) continue;
+        if (p->cfg.reduce_at_inverse || mine(p, L)) {
+            if (p->cfg.reduce_at_inverse && mean != 1.0f) {
+                float *part[2];
+                size_t len[2];
+                int parts = factor_parts(L, 0, part, len);
+                for (int j = 0; j < parts; j++)
+                    for (size_t e = 0; e < len[j]; e++) part[j][e] *= mean;
+            }
+            p->changes[i] = fold_layer(p, L);
+        }
+    }
+    KFAC_TRY(share_changes(p));
+    for (int i = 0; i < p->num_layers; i++) {
+        layer *L = &p->layers[i];
+        if (!L->factor_due) continue;
+        schedule_next_factor(p, L, p->changes[i]);
+        L->has_factors = 1;
+        L->stale = 1;
+        L->factor_count++;
+        p->stats.factor_refreshes++;
+    }
     return KFAC_OK;
 }
 
@@ -329,59 +591,113 @@ static double damping_at(const kfac_precond *p, double epoch)
     return lambda > p->cfg.damping_min ? lambda : p->cfg.damping_min;
 }
 
-static kfac_status invert_layer(kfac_precond *p, layer *L, double lambda)
+/* Inverts damped factors a (order d) and g (order k) into the layer. */
+static kfac_status invert_layer(kfac_precond *p, layer *L, const float *a, const float *g,
+                                double lambda)
 {
     double gamma = sqrt(lambda);
-    double pi = kfac_pi_correction(L->d, L->a, L->k, L->g);
+    double pi = kfac_pi_correction(L->d, a, L->k, g);
     float shift_a = (float)(pi * gamma), shift_g = (float)(gamma / pi);
     if (p->cfg.inverse == KFAC_INVERSE_CHOLESKY) {
-        KFAC_TRY(kfac_inverse_cholesky(L->d, L->a, shift_a, L->ainv, p->chol_ws));
-        return kfac_inverse_cholesky(L->k, L->g, shift_g, L->ginv, p->chol_ws);
+        KFAC_TRY(kfac_inverse_cholesky(L->d, a, shift_a, L->ainv, p->chol_ws));
+        return kfac_inverse_cholesky(L->k, g, shift_g, L->ginv, p->chol_ws);
     }
-    KFAC_TRY(kfac_eigh(L->d, L->a, L->da, L->qa));
-    KFAC_TRY(kfac_eigh(L->k, L->g, L->dg, L->qg));
+    KFAC_TRY(kfac_eigh(L->d, a, L->da, L->qa));
+    KFAC_TRY(kfac_eigh(L->k, g, L->dg, L->qg));
     if (p->cfg.exact_kronecker) return KFAC_OK; /* damping applies at preconditioning */
     kfac_inverse_from_eig(L->d, L->da, L->qa, shift_a, L->ainv);
     kfac_inverse_from_eig(L->k, L->dg, L->qg, shift_g, L->ginv);
     return KFAC_OK;
 }
 
-kfac_status kfac_precond_invert_due(kfac_precond *p, double epoch)
+/* Inverts this rank's due layers; every rank advances the schedule.  With
+ * reduce_at_inverse the owners first receive the mean of the ranks' running
+ * factors (in their batch buffers), and invert and precondition from it. */
+static kfac_status invert_due(kfac_precond *p, double epoch)
 {
-    double t0 = now_seconds(), lambda = damping_at(p, epoch);
+    double lambda = damping_at(p, epoch);
+    int any = 0;
+    for (int i = 0; i < p->num_layers; i++) any |= p->layers[i].inverse_due && p->layers[i].has_factors;
+    if (any && p->cfg.reduce_at_inverse) KFAC_TRY(reduce_factors(p, 1, 1.0f / (float)p->size));
+    double t0 = now_seconds();
     for (int i = 0; i < p->num_layers; i++) {
         layer *L = &p->layers[i];
         if (!L->inverse_due || !L->has_factors) continue;
-        if (L->kind != KFAC_NODE_BN) KFAC_TRY(invert_layer(p, L, lambda));
+        if (mine(p, L)) {
+            int shared = p->cfg.reduce_at_inverse;
+            if (L->kind != KFAC_NODE_BN)
+                KFAC_TRY(invert_layer(p, L, shared ? L->a_batch : L->a, shared ? L->g_batch : L->g,
+                                      lambda));
+            else if (shared) /* batch buffers are rewritten by the next capture */
+                memcpy(L->fisher_shared, L->fisher_batch, L->factor_len * sizeof(float));
+            L->inverse_count++;
+            p->stats.inverse_refreshes++;
+        }
         L->has_inverse = 1;
         L->stale = 0;
         L->next_inverse = p->step + p->cfg.inverse_interval;
-        L->inverse_count++;
-        p->stats.inverse_refreshes++;
     }
     p->stats.seconds_invert += now_seconds() - t0;
     return KFAC_OK;
 }
 
-/* [dW | db] (k x d) from the model's gradients, and back. */
-static void gather_grad(const kfac_precond *p, const layer *L, float *grads, float *gmat)
+/* gbuf block of one layer: [dW (k x dw) | db (k)] for conv/FC, [dgamma |
+ * dbeta] for BN. */
+static void pack_grad(const kfac_precond *p, const layer *L, const float *grads, float *dst)
 {
-    const float *w = grads + kfac_model_param_tensor(p->model, L->weight)->offset;
-    const float *b = L->bias >= 0 ? grads + kfac_model_param_tensor(p->model, L->bias)->offset : NULL;
-    for (int r = 0; r < L->k; r++) {
-        memcpy(gmat + (size_t)r * L->d, w + (size_t)r * L->dw, L->dw * sizeof(float));
-        if (b) gmat[(size_t)r * L->d + L->dw] = b[r];
+    const kfac_param *w = kfac_model_param_tensor(p->model, L->weight);
+    memcpy(dst, grads + w->offset, w->count * sizeof(float));
+    if (L->bias >= 0) {
+        const kfac_param *b = kfac_model_param_tensor(p->model, L->bias);
+        memcpy(dst + w->count, grads + b->offset, b->count * sizeof(float));
     }
 }
 
-static void scatter_grad(const kfac_precond *p, const layer *L, const float *pmat, float *grads)
+static void unpack_grad(const kfac_precond *p, const layer *L, const float *src, float *grads)
 {
-    float *w = grads + kfac_model_param_tensor(p->model, L->weight)->offset;
-    float *b = L->bias >= 0 ? grads + kfac_model_param_tensor(p->model, L->bias)->offset : NULL;
-    for (int r = 0; r < L->k; r++) {
-        memcpy(w + (size_t)r * L->dw, pmat + (size_t)r * L->d, L->dw * sizeof(float));
-        if (b) b[r] = pmat[(size_t)r * L->d + L->dw];
+    const kfac_param *w = kfac_model_param_tensor(p->model, L->weight);
+    memcpy(grads + w->offset, src, w->count * sizeof(float));
+    if (L->bias >= 0) {
+        const kfac_param *b = kfac_model_param_tensor(p->model, L->bias);
+        memcpy(grads + b->offset, src + w->count, b->count * sizeof(float));
     }
+}
+
+/* [dW | db] (k x d) from a packed gradient block, and back. */
+static void block_to_matrix(const layer *L, const float *block, float *gmat)
+{
+    for (int r = 0; r < L->k; r++) {
+        memcpy(gmat + (size_t)r * L->d, block + (size_t)r * L->dw, L->dw * sizeof(float));
+        if (L->bias >= 0) gmat[(size_t)r * L->d + L->dw] = block[(size_t)L->k * L->dw + r];
+    }
+}
+
+static void matrix_to_block(const layer *L, const float *pmat, float *block)
+{
+    for (int r = 0; r < L->k; r++) {
+        memcpy(block + (size_t)r * L->dw, pmat + (size_t)r * L->d, L->dw * sizeof(float));
+        if (L->bias >= 0) block[(size_t)L->k * L->dw + r] = pmat[(size_t)r * L->d + L->dw];
+    }
+}
+
+/* Reduce-scatters every K-FAC layer's gradient to its owner; the owner's
+ * block lands at its place in gbuf, scaled to a mean. */
+static kfac_status reduce_grads(kfac_precond *p, float scale)
+{
+    const float *grads = kfac_model_grads(p->model);
+    size_t my_off = 0;
+    for (int k = 0; k < p->num_layers; k++) {
+        layer *L = &p->layers[p->order[k]];
+        pack_grad(p, L, grads, p->gbuf + L->grad_off);
+    }
+    for (int r = 0; r < p->rank; r++) my_off += p->grad_counts[r];
+    double t0 = now_seconds();
+    KFAC_TRY(kfac_comm_reduce_scatterv(p->comm, p->gbuf, p->grecv, p->grad_counts, KFAC_F32,
+                                       KFAC_STAGE_GRAD_REDUCE));
+    p->stats.seconds_comm += now_seconds() - t0;
+    for (size_t i = 0; i < p->grad_counts[p->rank]; i++)
+        p->gbuf[my_off + i] = p->grecv[i] * scale;
+    return KFAC_OK;
 }
 
 static double dot(const float *a, const float *b, size_t n)
@@ -391,65 +707,106 @@ static double dot(const float *a, const float *b, size_t n)
     return s;
 }
 
-/* Preconditions one layer's gradient in place; returns <P, g>. */
-static double precondition_layer(kfac_precond *p, layer *L, float *grads, double lambda)
+/* Preconditions one owned layer's gradient block in place; returns <P, g>. */
+static double precondition_layer(kfac_precond *p, layer *L, float *block, double lambda)
 {
     if (L->kind == KFAC_NODE_BN) {
-        float *dg = grads + kfac_model_param_tensor(p->model, L->weight)->offset;
-        float *db = grads + kfac_model_param_tensor(p->model, L->bias)->offset;
         size_t c = (size_t)L->channels;
-        memcpy(p->gmat, dg, c * sizeof(float));
-        memcpy(p->gmat + c, db, c * sizeof(float));
-        kfac_bn_precondition(L->channels, L->fisher, (float)lambda, p->cfg.bn == KFAC_BN_DIAGONAL,
-                             dg, db, dg, db);
-        return dot(p->gmat, dg, c) + dot(p->gmat + c, db, c);
+        const float *fisher = p->cfg.reduce_at_inverse ? L->fisher_shared : L->fisher;
+        memcpy(p->gmat, block, 2 * c * sizeof(float));
+        kfac_bn_precondition(L->channels, fisher, (float)lambda, p->cfg.bn == KFAC_BN_DIAGONAL,
+                             block, block + c, block, block + c);
+        return dot(p->gmat, block, 2 * c);
     }
     size_t kd = (size_t)L->k * L->d;
-    gather_grad(p, L, grads, p->gmat);
+    block_to_matrix(L, block, p->gmat);
     if (p->cfg.exact_kronecker)
         kfac_precondition_eig_exact(L->k, L->d, L->qg, L->dg, L->qa, L->da, (float)lambda, p->gmat,
                                     p->pmat, p->tmp);
     else
         kfac_precondition(L->k, L->d, L->ginv, L->ainv, p->gmat, p->pmat, p->tmp);
-    scatter_grad(p, L, p->pmat, grads);
+    matrix_to_block(L, p->pmat, block);
     return dot(p->pmat, p->gmat, kd);
 }
 
-static void scale_layer(kfac_precond *p, const layer *L, float *grads, float s)
-{
-    for (int t = 0; t < 2; t++) {
-        int idx = t == 0 ? L->weight : L->bias;
-        if (idx < 0) continue;
-        const kfac_param *pt = kfac_model_param_tensor(p->model, idx);
-        for (size_t i = 0; i < pt->count; i++) grads[pt->offset + i] *= s;
-    }
-}
-
-kfac_status kfac_precond_apply(kfac_precond *p, double epoch, float lr)
+/* Owners precondition their blocks; the KL clip scale comes from <P, g>
+ * summed over all layers (an f64 all-reduce of the owners' partial sums). */
+static kfac_status precondition_owned(kfac_precond *p, double epoch, float lr)
 {
     double t0 = now_seconds(), lambda = damping_at(p, epoch), sum_pg = 0;
-    float *grads = kfac_model_grads(p->model);
     for (int i = 0; i < p->num_layers; i++) {
         layer *L = &p->layers[i];
-        if (L->has_inverse) sum_pg += precondition_layer(p, L, grads, lambda);
+        if (mine(p, L) && L->has_inverse)
+            sum_pg += precondition_layer(p, L, p->gbuf + L->grad_off, lambda);
     }
+    double t1 = now_seconds();
+    KFAC_TRY(kfac_comm_allreduce(p->comm, &sum_pg, 1, KFAC_F64, KFAC_STAGE_OTHER));
+    double t2 = now_seconds();
     double scale = kfac_kl_clip_scale(p->cfg.kl_clip, lr, sum_pg);
     if (scale < 1.0)
-        for (int i = 0; i < p->num_layers; i++)
-            if (p->layers[i].has_inverse) scale_layer(p, &p->layers[i], grads, (float)scale);
+        for (int i = 0; i < p->num_layers; i++) {
+            layer *L = &p->layers[i];
+            if (!mine(p, L) || !L->has_inverse) continue;
+            for (size_t e = 0; e < L->grad_len; e++) p->gbuf[L->grad_off + e] *= (float)scale;
+        }
     p->stats.last_kl_scale = scale;
-    p->stats.seconds_precondition += now_seconds() - t0;
+    p->stats.seconds_comm += t2 - t1;
+    p->stats.seconds_precondition += (t1 - t0) + (now_seconds() - t2);
+    return KFAC_OK;
+}
+
+/* Every owner's preconditioned blocks to everyone, then into the model. */
+static kfac_status gather_grads(kfac_precond *p)
+{
+    double t0 = now_seconds();
+    KFAC_TRY(kfac_comm_allgatherv(p->comm, p->gbuf, p->grad_counts, KFAC_F32,
+                                  KFAC_STAGE_PRECOND_GATHER));
+    p->stats.seconds_comm += now_seconds() - t0;
+    float *grads = kfac_model_grads(p->model);
+    for (int i = 0; i < p->num_layers; i++)
+        unpack_grad(p, &p->layers[i], p->gbuf + p->layers[i].grad_off, grads);
     return KFAC_OK;
 }
 
 /* ---- the step ---- */
 
+int kfac_precond_begin(kfac_precond *p, long step, int micro_batches)
+{
+    p->micro_batches = micro_batches < 1 ? 1 : micro_batches;
+    p->micro = 0;
+    return kfac_precond_plan(p, step);
+}
+
+int kfac_precond_capture_in_backward(const kfac_precond *p)
+{
+    return p->any_factor_due && p->cfg.fisher != KFAC_FISHER_SAMPLED;
+}
+
 static kfac_status backward(kfac_precond *p, int n, int with_capture)
 {
-    if (with_capture) kfac_model_set_backward_hook(p->model, capture, p);
+    if (with_capture) kfac_model_set_backward_hook(p->model, capture_hook, p);
     kfac_status st = kfac_model_backward(p->model, n);
     kfac_model_set_backward_hook(p->model, NULL, NULL);
     return st;
+}
+
+kfac_status kfac_precond_sampled_pass(kfac_precond *p, int n, long micro_index)
+{
+    if (!p->any_factor_due || p->cfg.fisher != KFAC_FISHER_SAMPLED) return KFAC_OK;
+    uint64_t seed = kfac_mix64(kfac_mix64(p->cfg.seed, (uint64_t)p->step), (uint64_t)micro_index);
+    KFAC_TRY(kfac_model_loss_sampled(p->model, n, seed));
+    return backward(p, n, 1);
+}
+
+void kfac_precond_end_micro(kfac_precond *p) { p->micro++; }
+
+kfac_status kfac_precond_finish(kfac_precond *p, double epoch, float lr, float grad_scale)
+{
+    if (p->any_factor_due) KFAC_TRY(refresh_factors(p));
+    KFAC_TRY(reduce_grads(p, grad_scale));
+    KFAC_TRY(invert_due(p, epoch));
+    KFAC_TRY(precondition_owned(p, epoch, lr));
+    return gather_grads(p);
 }
 
 kfac_status kfac_precond_step(kfac_precond *p, long step, double epoch, float lr, int n,
@@ -457,17 +814,13 @@ kfac_status kfac_precond_step(kfac_precond *p, long step, double epoch, float lr
                               int *correct)
 {
     kfac_model *m = p->model;
-    int capture_now = kfac_precond_plan(p, step);
+    kfac_precond_begin(p, step, 1);
     KFAC_TRY(kfac_model_forward(m, n, KFAC_MODE_TRAIN));
-    int sampled = capture_now && p->cfg.fisher == KFAC_FISHER_SAMPLED;
-    if (sampled) {
-        KFAC_TRY(kfac_model_loss_sampled(m, n, kfac_mix64(p->cfg.seed, (uint64_t)step)));
-        KFAC_TRY(backward(p, n, 1));
-    }
+    KFAC_TRY(kfac_precond_sampled_pass(p, n, 0));
     KFAC_TRY(kfac_model_loss(m, n, labels, smoothing, loss_sum, correct));
-    KFAC_TRY(backward(p, n, capture_now && !sampled));
-    KFAC_TRY(kfac_precond_invert_due(p, epoch));
-    return kfac_precond_apply(p, epoch, lr);
+    KFAC_TRY(backward(p, n, kfac_precond_capture_in_backward(p)));
+    kfac_precond_end_micro(p);
+    return kfac_precond_finish(p, epoch, lr, 1.0f);
 }
 
 /* ---- introspection ---- */

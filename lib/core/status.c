@@ -18,6 +18,7 @@ const char *kfac_status_str(kfac_status status)
     case KFAC_ENOTSUP: return "not supported";
     case KFAC_EBACKEND: return "backend failure";
     case KFAC_ENODEV: return "no device";
+    case KFAC_ECOMM: return "communication failure";
     }
     return "unknown status";
 }

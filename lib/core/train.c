@@ -1,7 +1,11 @@
-/* train.c - the single-process training loop: one place that sequences
- * data, forward, loss, backward, optimizer and schedule, then evaluates and
- * records metrics once per epoch. */
+/* train.c - the training loop: one place that sequences data, forward,
+ * loss, backward, gradient reduction, optimizer and schedule, then
+ * evaluates and records metrics once per epoch.  With several ranks, each
+ * takes an equal slice of every global batch (in micro-batches), gradients
+ * are averaged over ranks (K-FAC layers through their owners), and rank 0
+ * alone writes output and calls the callbacks. */
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,6 +13,7 @@
 #include <time.h>
 
 #include "kfac/kfac_dataset.h"
+#include "kfac/kfac_gradsync.h"
 #include "kfac/kfac_optim.h"
 #include "kfac/kfac_precond.h"
 #include "kfac/kfac_resnet.h"
@@ -23,6 +28,11 @@ typedef struct trainer {
     kfac_model *model;
     kfac_sgd *sgd;
     kfac_precond *kfac;       /* NULL for plain SGD */
+    kfac_comm *world, *self_comm;
+    int rank, size;
+    int micro_batches, micro_size; /* per rank: count and images of each */
+    kfac_gradsync *sync;
+    kfac_comm_bytes bytes_before;   /* counters at the start of the epoch */
     kfac_lr_schedule schedule;
     int32_t *labels;
     float *host_images; /* batch staging when the backend is not the host */
@@ -94,6 +104,8 @@ static void precond_config_from_job(const kfac_job *job, kfac_precond_config *c)
                                              : KFAC_BN_UNITWISE;
     c->exclude = k->exclude;
     c->seed = job->train.seed;
+    kfac_dtype_parse(job->distributed.factor_dtype, &c->factor_dtype); /* validated by the job */
+    c->reduce_at_inverse = strcmp(job->distributed.factor_reduce, "inverse") == 0;
 }
 
 static kfac_status open_data(trainer *t)
@@ -135,8 +147,8 @@ static kfac_status open_data(trainer *t)
 static kfac_status build_model(trainer *t)
 {
     const kfac_job *job = t->job;
-    int max_batch = job->train.batch_size > job->train.eval_batch_size ? job->train.batch_size
-                                                                       : job->train.eval_batch_size;
+    int max_batch = t->micro_size > job->train.eval_batch_size ? t->micro_size
+                                                                 : job->train.eval_batch_size;
     kfac_resnet_options opt = {
         .zero_init_residual = job->model.zero_init_residual,
         .num_classes = t->train_set->num_classes,
@@ -155,11 +167,25 @@ static kfac_status build_model(trainer *t)
         .decay_bn_and_bias = job->optimizer.decay_bn_and_bias,
     };
     KFAC_TRY(kfac_sgd_init(&t->sgd, t->model, &sgd));
+    unsigned char *sync_tensor = NULL;
     if (strcmp(job->optimizer.name, "kfac") == 0) {
         kfac_precond_config kc;
         precond_config_from_job(job, &kc);
         KFAC_TRY(kfac_precond_init(&t->kfac, t->model, &kc));
+        KFAC_TRY(kfac_precond_set_comm(t->kfac, t->world));
+        int tensors = kfac_model_num_param_tensors(t->model);
+        sync_tensor = malloc((size_t)tensors + 1);
+        if (!sync_tensor) return KFAC_ERR(KFAC_ENOMEM, "trainer: out of memory");
+        for (int i = 0; i < tensors; i++) sync_tensor[i] = !kfac_precond_owns_tensor(t->kfac, i);
     }
+    kfac_gradsync_config gc = {
+        .bucket_bytes = (size_t)(job->distributed.bucket_mb * 1024.0 * 1024.0),
+        .overlap = job->distributed.overlap,
+        .max_micro_batches = t->micro_batches,
+    };
+    kfac_status st = kfac_gradsync_init(&t->sync, t->model, t->world, sync_tensor, &gc);
+    free(sync_tensor);
+    KFAC_TRY(st);
     t->labels = malloc((size_t)max_batch * sizeof(int32_t));
     size_t image = (size_t)t->train_set->height * t->train_set->width * t->train_set->channels;
     t->host_images = malloc((size_t)max_batch * image * sizeof(float));
@@ -169,10 +195,12 @@ static kfac_status build_model(trainer *t)
     return KFAC_OK;
 }
 
-/* Loads the next batch into the model's input; *n = 0 at the epoch's end. */
-static kfac_status load_batch(trainer *t, kfac_batcher *b, int *n)
+/* Loads images offset..offset+count-1 of batch `batch` into the model's
+ * input; *n = 0 past the epoch's end. */
+static kfac_status load_batch(trainer *t, kfac_batcher *b, size_t batch, int offset, int count,
+                              int *n)
 {
-    KFAC_TRY(kfac_batcher_next(b, t->host_images, t->labels, n));
+    KFAC_TRY(kfac_batcher_read(b, batch, offset, count, t->host_images, t->labels, n));
     if (*n == 0) return KFAC_OK;
     int h, w, c;
     kfac_model_input_shape(t->model, &h, &w, &c);
@@ -180,33 +208,63 @@ static kfac_status load_batch(trainer *t, kfac_batcher *b, int *n)
                          (size_t)*n * h * w * c * sizeof(float));
 }
 
-/* Precise BN: recompute every BN's running statistics as the mean over
- * batches of un-augmented training images, so evaluation does not see
- * statistics that lag weights moving fast under a high learning rate. */
-static kfac_status precise_bn(trainer *t, int epoch)
+/* BN running statistics are per rank (each sees its own micro-batches);
+ * before anything reads them (evaluation) every rank takes their mean, so
+ * all ranks hold the same model. */
+static kfac_status average_bn_statistics(trainer *t)
 {
-    int images = 0, n, k = 0;
-    kfac_batcher_start_epoch(t->bn_batches, epoch);
-    while (images < t->job->train.precise_bn_images) {
-        KFAC_TRY(load_batch(t, t->bn_batches, &n));
-        if (n == 0) break;
-        kfac_model_set_bn_momentum(t->model, 1.0f / (float)++k);
-        kfac_status st = kfac_model_forward(t->model, n, KFAC_MODE_TRAIN);
-        kfac_model_set_bn_momentum(t->model, -1);
-        KFAC_TRY(st);
-        images += n;
-    }
+    if (t->size == 1) return KFAC_OK;
+    size_t count = kfac_model_buffer_count(t->model);
+    float *stats = kfac_model_buffers(t->model);
+    KFAC_TRY(kfac_comm_allreduce(t->world, stats, count, KFAC_F32, KFAC_STAGE_OTHER));
+    for (size_t i = 0; i < count; i++) stats[i] /= (float)t->size;
     return KFAC_OK;
 }
 
+/* Sums of (loss, correct, images) over ranks. */
+static kfac_status sum_over_ranks(trainer *t, double *loss, long *correct, long *seen)
+{
+    double v[3] = {*loss, (double)*correct, (double)*seen};
+    KFAC_TRY(kfac_comm_allreduce(t->world, v, 3, KFAC_F64, KFAC_STAGE_OTHER));
+    *loss = v[0];
+    *correct = (long)v[1];
+    *seen = (long)v[2];
+    return KFAC_OK;
+}
+
+/* Precise BN: recompute every BN's running statistics as the mean over
+ * batches of un-augmented training images, so evaluation does not see
+ * statistics that lag weights moving fast under a high learning rate.
+ * Each rank takes every size-th batch; the ranks' means are averaged. */
+static kfac_status precise_bn(trainer *t, int epoch)
+{
+    int n, k = 0, bs = t->job->train.batch_size;
+    long images = 0;
+    size_t batches = kfac_batcher_batches_per_epoch(t->bn_batches);
+    kfac_batcher_start_epoch(t->bn_batches, epoch);
+    for (size_t b = (size_t)t->rank; b < batches && images < t->job->train.precise_bn_images;
+         b += (size_t)t->size, images += (long)bs * t->size)
+        for (int off = 0; off < bs; off += t->micro_size) {
+            KFAC_TRY(load_batch(t, t->bn_batches, b, off, t->micro_size, &n));
+            if (n == 0) break;
+            kfac_model_set_bn_momentum(t->model, 1.0f / (float)++k);
+            kfac_status st = kfac_model_forward(t->model, n, KFAC_MODE_TRAIN);
+            kfac_model_set_bn_momentum(t->model, -1);
+            KFAC_TRY(st);
+        }
+    return average_bn_statistics(t);
+}
+
+/* Each rank evaluates every size-th test batch; the sums are combined. */
 static kfac_status evaluate(trainer *t, double *loss, double *acc)
 {
     double loss_sum = 0;
     long correct = 0, seen = 0;
-    int n;
+    int n, ebs = t->job->train.eval_batch_size;
+    size_t batches = kfac_batcher_batches_per_epoch(t->test_batches);
     kfac_batcher_start_epoch(t->test_batches, 0);
-    for (;;) {
-        KFAC_TRY(load_batch(t, t->test_batches, &n));
+    for (size_t b = (size_t)t->rank; b < batches; b += (size_t)t->size) {
+        KFAC_TRY(load_batch(t, t->test_batches, b, 0, ebs, &n));
         if (n == 0) break;
         double l;
         int hits;
@@ -216,6 +274,7 @@ static kfac_status evaluate(trainer *t, double *loss, double *acc)
         correct += hits;
         seen += n;
     }
+    KFAC_TRY(sum_over_ranks(t, &loss_sum, &correct, &seen));
     *loss = loss_sum / (double)seen;
     *acc = (double)correct / (double)seen;
     return KFAC_OK;
@@ -234,6 +293,85 @@ static kfac_status evaluate_precise_bn(trainer *t, int epoch, kfac_epoch_metrics
     return t->be->upload(t->be, stats, t->bn_saved, bytes);
 }
 
+/* KFAC_FAULT=RANK:STEP:exit|kill makes rank RANK fail at step STEP: with
+ * an error (exit) or by SIGKILL (kill).  For the tests that check a dying
+ * rank ends the whole job. */
+static kfac_status injected_fault(const trainer *t, long step)
+{
+    const char *spec = getenv("KFAC_FAULT");
+    int rank;
+    long at;
+    char how[8] = "";
+    if (!spec || sscanf(spec, "%d:%ld:%7s", &rank, &at, how) != 3) return KFAC_OK;
+    if (rank != t->rank || at != step) return KFAC_OK;
+    if (strcmp(how, "kill") == 0) raise(SIGKILL);
+    return KFAC_ERR(KFAC_ECOMM, "injected failure at step %ld (KFAC_FAULT=%s)", step, spec);
+}
+
+/* The backward hook: K-FAC capture, then gradient buckets. */
+static kfac_status step_hook(kfac_model *m, int node, int n, void *user)
+{
+    trainer *t = user;
+    if (t->kfac && kfac_precond_capture_in_backward(t->kfac))
+        KFAC_TRY(kfac_precond_capture(t->kfac, node, n));
+    return kfac_gradsync_node_done(t->sync, node);
+}
+
+/* One optimizer step on global batch `batch`: this rank's slice of it in
+ * micro-batches, gradients averaged over every rank's micro-batches. */
+static kfac_status train_step(trainer *t, long step, size_t batch, double epoch, float lr,
+                              double *loss_sum, long *correct, long *seen)
+{
+    const kfac_job *job = t->job;
+    int local = job->train.batch_size / t->size;
+    KFAC_TRY(injected_fault(t, step));
+    KFAC_TRY(kfac_gradsync_begin(t->sync, t->micro_batches));
+    if (t->kfac) kfac_precond_begin(t->kfac, step, t->micro_batches);
+    for (int j = 0; j < t->micro_batches; j++) {
+        int n, hits;
+        double l;
+        KFAC_TRY(load_batch(t, t->train_batches, batch, t->rank * local + j * t->micro_size,
+                            t->micro_size, &n));
+        if (n != t->micro_size)
+            return KFAC_ERR(KFAC_EINVAL, "trainer: batch %zu has %d images where %d were due",
+                            batch, n, t->micro_size);
+        KFAC_TRY(kfac_model_forward(t->model, n, KFAC_MODE_TRAIN));
+        if (t->kfac)
+            KFAC_TRY(kfac_precond_sampled_pass(t->kfac, n, (long)t->rank * t->micro_batches + j));
+        KFAC_TRY(kfac_model_loss(t->model, n, t->labels, job->train.label_smoothing, &l, &hits));
+        kfac_model_set_backward_hook(t->model, step_hook, t);
+        kfac_status st = kfac_model_backward(t->model, n);
+        kfac_model_set_backward_hook(t->model, NULL, NULL);
+        KFAC_TRY(st);
+        KFAC_TRY(kfac_gradsync_end_micro(t->sync));
+        if (t->kfac) kfac_precond_end_micro(t->kfac);
+        *loss_sum += l;
+        *correct += hits;
+        *seen += n;
+    }
+    float mean = 1.0f / (float)(t->size * t->micro_batches);
+    KFAC_TRY(kfac_gradsync_finish(t->sync, mean));
+    if (t->kfac) KFAC_TRY(kfac_precond_finish(t->kfac, epoch, lr, mean));
+    return kfac_sgd_step(t->sgd, lr);
+}
+
+/* Bytes all ranks sent during the epoch's training steps, per step. */
+static kfac_status epoch_bytes(trainer *t, kfac_epoch_metrics *em)
+{
+    kfac_comm_bytes now;
+    kfac_comm_get_bytes(t->world, &now);
+    double v[KFAC_STAGE_COUNT][KFAC_LINK_COUNT];
+    for (int s = 0; s < KFAC_STAGE_COUNT; s++)
+        for (int l = 0; l < KFAC_LINK_COUNT; l++)
+            v[s][l] = (double)(now.sent[s][l] - t->bytes_before.sent[s][l]);
+    KFAC_TRY(kfac_comm_allreduce(t->world, v, sizeof v / sizeof(double), KFAC_F64,
+                                 KFAC_STAGE_OTHER));
+    int steps = em->steps_in_epoch > 0 ? em->steps_in_epoch : 1;
+    for (int s = 0; s < KFAC_STAGE_COUNT; s++)
+        for (int l = 0; l < KFAC_LINK_COUNT; l++) em->bytes_per_step[s][l] = v[s][l] / steps;
+    return KFAC_OK;
+}
+
 static kfac_status train_epoch(trainer *t, int epoch, long *step, kfac_epoch_metrics *em,
                                const kfac_train_callbacks *cb)
 {
@@ -245,37 +383,27 @@ static kfac_status train_epoch(trainer *t, int epoch, long *step, kfac_epoch_met
     kfac_batcher_start_epoch(t->train_batches, epoch);
     for (int i = 0; i < steps; i++) {
         if (job->train.max_steps > 0 && *step >= job->train.max_steps) break;
-        int n;
-        KFAC_TRY(load_batch(t, t->train_batches, &n));
-        if (n == 0) break;
-        double lr = kfac_lr_at(&t->schedule, epoch + (double)i / steps);
-        double l;
-        int hits;
-        if (t->kfac) {
-            KFAC_TRY(kfac_precond_step(t->kfac, *step, epoch + (double)i / steps, (float)lr, n,
-                                       t->labels, job->train.label_smoothing, &l, &hits));
-        } else {
-            KFAC_TRY(kfac_model_forward(t->model, n, KFAC_MODE_TRAIN));
-            KFAC_TRY(kfac_model_loss(t->model, n, t->labels, job->train.label_smoothing, &l, &hits));
-            KFAC_TRY(kfac_model_backward(t->model, n));
-        }
-        KFAC_TRY(kfac_sgd_step(t->sgd, (float)lr));
-        loss_sum += l;
-        correct += hits;
-        seen += n;
+        double pos = epoch + (double)i / steps, lr = kfac_lr_at(&t->schedule, pos);
+        double before = loss_sum;
+        long seen_before = seen;
+        KFAC_TRY(train_step(t, *step, (size_t)i, pos, (float)lr, &loss_sum, &correct, &seen));
         (*step)++;
         em->lr = lr;
         if (cb && cb->on_progress && cb->progress_every > 0 && (i + 1) % cb->progress_every == 0)
-            cb->on_progress(epoch + 1, i + 1, steps, l / n, cb->user);
+            cb->on_progress(epoch + 1, i + 1, steps, (loss_sum - before) / (seen - seen_before),
+                            cb->user);
     }
     double train_seconds = now_seconds() - t0;
+    em->steps_in_epoch = (int)(*step - em->step);
+    KFAC_TRY(epoch_bytes(t, em));
+    KFAC_TRY(sum_over_ranks(t, &loss_sum, &correct, &seen));
     em->train_loss = seen ? loss_sum / seen : 0;
     em->train_acc = seen ? (double)correct / seen : 0;
     em->images_per_s = train_seconds > 0 ? seen / train_seconds : 0;
     return KFAC_OK;
 }
 
-static void write_metrics(FILE *f, const kfac_epoch_metrics *m, int kfac)
+static void write_metrics(FILE *f, const kfac_epoch_metrics *m, int kfac, int ranks)
 {
     fprintf(f,
             "{\"epoch\": %d, \"step\": %ld, \"lr\": %.6g, \"train_loss\": %.6f, "
@@ -289,8 +417,42 @@ static void write_metrics(FILE *f, const kfac_epoch_metrics *m, int kfac)
     if (kfac)
         fprintf(f, ", \"kfac_capture_s\": %.3f, \"kfac_invert_s\": %.3f, \"kfac_precondition_s\": %.3f",
                 m->seconds_capture, m->seconds_invert, m->seconds_precondition);
+    if (ranks > 1) {
+        fprintf(f, ", \"ranks\": %d, \"kfac_comm_s\": %.3f, \"bytes_per_step\": {", ranks,
+                m->seconds_comm);
+        for (int s = 0; s < KFAC_STAGE_COUNT; s++)
+            fprintf(f, "%s\"%s\": {\"intra\": %.0f, \"inter\": %.0f}", s ? ", " : "",
+                    kfac_comm_stage_name(s), m->bytes_per_step[s][KFAC_LINK_INTRA],
+                    m->bytes_per_step[s][KFAC_LINK_INTER]);
+        fputs("}", f);
+    }
     fputs("}\n", f);
     fflush(f);
+}
+
+/* Checks that the batch splits evenly over ranks and micro-batches. */
+static kfac_status plan_slices(trainer *t)
+{
+    const kfac_job *job = t->job;
+    int per = t->size * job->train.micro_batches;
+    if (job->train.batch_size % per != 0)
+        return KFAC_ERR(KFAC_EINVAL,
+                        "train.batch_size %d does not split into %d ranks x %d micro-batches",
+                        job->train.batch_size, t->size, job->train.micro_batches);
+    t->micro_batches = job->train.micro_batches;
+    t->micro_size = job->train.batch_size / per;
+    return KFAC_OK;
+}
+
+/* Every rank starts from rank 0's parameters and statistics (they are
+ * built from the same seed; this makes it a guarantee). */
+static kfac_status broadcast_model(trainer *t)
+{
+    if (t->size == 1) return KFAC_OK;
+    KFAC_TRY(kfac_comm_bcast(t->world, kfac_model_params(t->model),
+                             kfac_model_param_count(t->model), KFAC_F32, 0, KFAC_STAGE_OTHER));
+    return kfac_comm_bcast(t->world, kfac_model_buffers(t->model),
+                           kfac_model_buffer_count(t->model), KFAC_F32, 0, KFAC_STAGE_OTHER);
 }
 
 static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_metrics *final)
@@ -298,27 +460,35 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
     const kfac_job *job = t->job;
     char path[2 * KFAC_JOB_STR + 2];
     double start = now_seconds();
+    int lead = t->rank == 0;
+    const kfac_train_callbacks *all_ranks_cb = cb;
+    if (!lead) cb = NULL;
     /* Inputs first: a job that cannot run leaves no output behind. */
+    KFAC_TRY(plan_slices(t));
     KFAC_TRY(kfac_backend_get("cpu", job->train.threads, &t->be));
     KFAC_TRY(schedule_from_job(job, &t->schedule));
     KFAC_TRY(open_data(t));
     KFAC_TRY(build_model(t));
-    KFAC_TRY(make_dirs(job->output.dir));
-    snprintf(path, sizeof path, "%s/job.yaml", job->output.dir);
-    KFAC_TRY(kfac_job_write_yaml(job, path));
-    snprintf(path, sizeof path, "%s/%s", job->output.dir, job->output.metrics);
-    t->metrics = fopen(path, "w");
-    if (!t->metrics) return KFAC_ERR(KFAC_EIO, "%s: cannot create: %s", path, strerror(errno));
+    KFAC_TRY(broadcast_model(t));
+    if (lead) {
+        KFAC_TRY(make_dirs(job->output.dir));
+        snprintf(path, sizeof path, "%s/job.yaml", job->output.dir);
+        KFAC_TRY(kfac_job_write_yaml(job, path));
+        snprintf(path, sizeof path, "%s/%s", job->output.dir, job->output.metrics);
+        t->metrics = fopen(path, "w");
+        if (!t->metrics) return KFAC_ERR(KFAC_EIO, "%s: cannot create: %s", path, strerror(errno));
+    }
     if (cb && cb->on_start) {
-        char summary[512];
+        char summary[640];
         snprintf(summary, sizeof summary,
                  "%s: %zu parameters, %.1f M MACs/image; %zu train / %zu test images; "
-                 "batch %d, %zu steps/epoch, %d epochs; backend %s, %d threads",
+                 "batch %d = %d ranks x %d micro-batches x %d, %zu steps/epoch, %d epochs; "
+                 "backend %s, %d threads/rank; comm %s",
                  job->model.name, kfac_model_param_count(t->model),
                  kfac_model_macs_per_image(t->model) / 1e6, t->train_set->count,
-                 t->test_set->count, job->train.batch_size,
-                 kfac_batcher_batches_per_epoch(t->train_batches), job->train.epochs,
-                 t->be->name, t->be->threads);
+                 t->test_set->count, job->train.batch_size, t->size, t->micro_batches,
+                 t->micro_size, kfac_batcher_batches_per_epoch(t->train_batches),
+                 job->train.epochs, t->be->name, t->be->threads, kfac_comm_kind(t->world));
         cb->on_start(summary, cb->user);
     }
     long step = 0;
@@ -326,7 +496,10 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
     for (int epoch = 0; epoch < job->train.epochs; epoch++) {
         if (job->train.max_steps > 0 && step >= job->train.max_steps) break;
         double t0 = now_seconds();
+        kfac_comm_get_bytes(t->world, &t->bytes_before);
+        em.step = step;
         KFAC_TRY(train_epoch(t, epoch, &step, &em, cb));
+        KFAC_TRY(average_bn_statistics(t));
         KFAC_TRY(evaluate(t, &em.test_loss, &em.test_acc));
         if (t->bn_batches) KFAC_TRY(evaluate_precise_bn(t, epoch, &em));
         if (t->kfac) {
@@ -335,27 +508,48 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
             em.seconds_capture = ks.seconds_capture;
             em.seconds_invert = ks.seconds_invert;
             em.seconds_precondition = ks.seconds_precondition;
+            em.seconds_comm = ks.seconds_comm;
         }
         em.epoch = epoch + 1;
         em.step = step;
         em.epoch_seconds = now_seconds() - t0;
         em.seconds = now_seconds() - start;
-        write_metrics(t->metrics, &em, t->kfac != NULL);
+        if (t->metrics) write_metrics(t->metrics, &em, t->kfac != NULL, t->size);
         if (cb && cb->on_epoch) cb->on_epoch(&em, cb->user);
     }
     if (final) *final = em;
+    if (all_ranks_cb && all_ranks_cb->on_finish) {
+        size_t count = kfac_model_param_count(t->model);
+        float *host = malloc(count * sizeof(float) + 1);
+        if (!host) return KFAC_ERR(KFAC_ENOMEM, "trainer: out of memory");
+        kfac_status st = t->be->download(t->be, host, kfac_model_params(t->model),
+                                         count * sizeof(float));
+        if (st == KFAC_OK) all_ranks_cb->on_finish(host, count, all_ranks_cb->user);
+        free(host);
+        KFAC_TRY(st);
+    }
     return KFAC_OK;
 }
 
-kfac_status kfac_train_run(const kfac_job *job, const kfac_train_callbacks *cb,
+kfac_status kfac_train_run(const kfac_job *job, kfac_comm *world, const kfac_train_callbacks *cb,
                            kfac_epoch_metrics *final)
 {
-    trainer t = {.job = job};
-    kfac_status st = run(&t, cb, final);
+    trainer t = {.job = job, .world = world};
+    kfac_status st = KFAC_OK;
+    if (!t.world) {
+        st = kfac_comm_self(&t.self_comm);
+        t.world = t.self_comm;
+    }
+    if (st == KFAC_OK) {
+        t.rank = kfac_comm_rank(t.world);
+        t.size = kfac_comm_size(t.world);
+        st = run(&t, cb, final);
+    }
     if (t.metrics) fclose(t.metrics);
     free(t.labels);
     free(t.host_images);
     free(t.bn_saved);
+    kfac_gradsync_free(t.sync);
     kfac_precond_free(t.kfac);
     kfac_sgd_free(t.sgd);
     kfac_batcher_free(t.bn_batches);
@@ -365,5 +559,6 @@ kfac_status kfac_train_run(const kfac_job *job, const kfac_train_callbacks *cb,
     kfac_dataset_free(t.train_set);
     kfac_dataset_free(t.test_set);
     kfac_backend_free(t.be);
+    kfac_comm_free(t.self_comm);
     return st;
 }

@@ -206,6 +206,19 @@ static void make_sample(kfac_batcher *b, size_t position, float *out, int32_t *l
         normalise(b, raw, out);
 }
 
+/* Positions [first, first + count) of the epoch's order into the buffers. */
+static kfac_status read_positions(kfac_batcher *b, size_t first, int count, float *images,
+                                  int32_t *labels)
+{
+    b->failure.status = KFAC_OK;
+#pragma omp parallel for num_threads(b->threads) schedule(static)
+    for (int i = 0; i < count; i++)
+        make_sample(b, first + (size_t)i, images + (size_t)i * b->image_size, labels + i);
+    if (b->failure.status != KFAC_OK)
+        return KFAC_ERR(b->failure.status, "%s", b->failure.message);
+    return KFAC_OK;
+}
+
 kfac_status kfac_batcher_next(kfac_batcher *b, float *images, int32_t *labels, int *n)
 {
     *n = 0;
@@ -213,14 +226,24 @@ kfac_status kfac_batcher_next(kfac_batcher *b, float *images, int32_t *labels, i
     size_t first = b->next_batch * (size_t)b->cfg.batch_size;
     size_t left = b->ds->count - first;
     int count = left < (size_t)b->cfg.batch_size ? (int)left : b->cfg.batch_size;
-    b->failure.status = KFAC_OK;
-#pragma omp parallel for num_threads(b->threads) schedule(static)
-    for (int i = 0; i < count; i++)
-        make_sample(b, first + (size_t)i, images + (size_t)i * b->image_size, labels + i);
     /* On failure the batch is not consumed: a retry reads the same batch. */
-    if (b->failure.status != KFAC_OK)
-        return KFAC_ERR(b->failure.status, "%s", b->failure.message);
+    KFAC_TRY(read_positions(b, first, count, images, labels));
     b->next_batch++;
+    *n = count;
+    return KFAC_OK;
+}
+
+kfac_status kfac_batcher_read(kfac_batcher *b, size_t batch, int offset, int count,
+                              float *images, int32_t *labels, int *n)
+{
+    *n = 0;
+    if (batch >= b->batches || offset < 0 || offset >= b->cfg.batch_size || count < 1)
+        return KFAC_OK;
+    if (count > b->cfg.batch_size - offset) count = b->cfg.batch_size - offset;
+    size_t first = batch * (size_t)b->cfg.batch_size + (size_t)offset;
+    if (first >= b->ds->count) return KFAC_OK;
+    if ((size_t)count > b->ds->count - first) count = (int)(b->ds->count - first);
+    KFAC_TRY(read_positions(b, first, count, images, labels));
     *n = count;
     return KFAC_OK;
 }

@@ -92,6 +92,14 @@ void kfac_batcher_start_epoch(kfac_batcher *b, int epoch);
  * are returned, *n is 0 and the batch is not consumed. */
 kfac_status kfac_batcher_next(kfac_batcher *b, float *images, int32_t *labels, int *n);
 
+/* Random access within the current epoch, for ranks and micro-batches that
+ * each take a slice of a batch: images offset..offset+count-1 of batch
+ * `batch` (0-based), clipped to the batch and the epoch; *n = 0 past the
+ * end.  The same images, bit for bit, as kfac_batcher_next would put at
+ * those places.  Does not move kfac_batcher_next's position. */
+kfac_status kfac_batcher_read(kfac_batcher *b, size_t batch, int offset, int count,
+                              float *images, int32_t *labels, int *n);
+
 #ifdef __cplusplus
 }
 #endif

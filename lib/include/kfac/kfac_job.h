@@ -87,7 +87,14 @@ typedef struct kfac_job {
         int max_steps;              /* stop after this many steps in total (0: no limit) */
         int precise_bn_images;      /* >0: recompute BN statistics over this many training
                                        images before each evaluation ("precise BN") */
+        int micro_batches;          /* per rank: gradients summed over this many */
     } train;
+    struct {                        /* used when several ranks run the job */
+        float bucket_mb;            /* gradient all-reduce bucket, MiB */
+        int overlap;                /* all-reduce buckets during backward */
+        char factor_dtype[KFAC_JOB_STR];  /* f32 | f16 | bf16: K-FAC factor traffic */
+        char factor_reduce[KFAC_JOB_STR]; /* refresh | inverse */
+    } distributed;
     struct {
         char dir[KFAC_JOB_STR];     /* created if missing */
         char metrics[KFAC_JOB_STR]; /* JSON-lines file name inside dir */

@@ -13,6 +13,19 @@
  * batch norm gets the unit-wise 2x2 Fisher (SP-NGD), its diagonal, or
  * plain SGD; layers whose names match an exclude pattern stay on SGD.
  *
+ * Distribution (kfac_precond_set_comm): every K-FAC layer has an owner
+ * rank from a placement plan (kfac_placement.h).  Each rank captures batch
+ * factors from its own micro-batches; at the end of the step the factors
+ * of due layers and the gradients of all K-FAC layers are reduce-scattered
+ * to their owners (packed upper triangles, factors optionally in f16/bf16);
+ * owners fold, invert and precondition; the KL clip's <P g> is all-reduced
+ * (f64); preconditioned gradients are all-gathered.  Schedule bookkeeping
+ * (which layer is due) runs identically on every rank.  With
+ * reduce_at_inverse, ranks fold their own batch factors into local running
+ * averages and only those averages are reduced, when an inversion needs
+ * them: the EMA is linear, so the result is the same, but factor traffic
+ * follows the inverse interval instead of the factor interval.
+ *
  * Schedule (kfac_precond_plan, the one place it is decided): before
  * warmup_steps every step refreshes factors and inverses; after, a layer's
  * factors refresh every `interval` steps (factor_interval, doubled up to
@@ -23,6 +36,7 @@
 #ifndef KFAC_PRECOND_H
 #define KFAC_PRECOND_H
 
+#include "kfac/kfac_comm.h"
 #include "kfac/kfac_model.h"
 
 #ifdef __cplusplus
@@ -46,6 +60,8 @@ typedef struct kfac_precond_config {
     kfac_bn_mode bn;
     const char *exclude; /* comma-separated fnmatch patterns, or NULL */
     uint64_t seed;       /* sampled-Fisher labels */
+    kfac_dtype factor_dtype; /* factor traffic between ranks: f32, f16 or bf16 */
+    int reduce_at_inverse;   /* reduce running factors only for inversions */
 } kfac_precond_config;
 
 /* Fills the defaults documented in jobs/README.md (optimizer.kfac). */
@@ -60,17 +76,41 @@ void kfac_precond_free(kfac_precond *p);
  * returns whether any factor is due (a capture is needed). */
 int kfac_precond_plan(kfac_precond *p, long step);
 
-/* The whole step on the model's current input: forward, loss (summed loss
- * and correct count as kfac_model_loss), backward(s) with capture, then
- * inversion, preconditioning and KL clipping of the gradients in place.
- * `epoch` (fractional) sets the damping; `lr` the KL clip. */
+/* Distributes the optimizer over `comm` (not owned; the same on every
+ * rank, before the first step): computes the owner plan. */
+kfac_status kfac_precond_set_comm(kfac_precond *p, kfac_comm *comm);
+/* Whether parameter tensor `tensor` belongs to a K-FAC layer (its gradient
+ * is reduced by kfac_precond_finish, not by a data-parallel all-reduce). */
+int kfac_precond_owns_tensor(const kfac_precond *p, int tensor);
+/* Owner rank of layer `index` (see kfac_precond_layer_name). */
+int kfac_precond_layer_owner(const kfac_precond *p, int index);
+
+/* The whole single-process step on the model's current input: forward,
+ * loss (summed loss and correct count as kfac_model_loss), backward(s) with
+ * capture, then inversion, preconditioning and KL clipping of the gradients
+ * in place.  `epoch` (fractional) sets the damping; `lr` the KL clip. */
 kfac_status kfac_precond_step(kfac_precond *p, long step, double epoch, float lr, int n,
                               const int32_t *labels, float smoothing, double *loss_sum,
                               int *correct);
 
-/* Stages on their own (kfac_precond_step calls them in this order). */
-kfac_status kfac_precond_invert_due(kfac_precond *p, double epoch);
-kfac_status kfac_precond_apply(kfac_precond *p, double epoch, float lr);
+/* The same step in stages, for callers that run micro-batches and own the
+ * backward hook (the trainer):
+ *   kfac_precond_begin(p, step, M)
+ *   per micro-batch j: forward; kfac_precond_sampled_pass(p, n, j);
+ *     loss; backward with kfac_precond_capture called from the hook;
+ *     kfac_precond_end_micro(p)
+ *   kfac_precond_finish(p, epoch, lr, grad_scale)
+ * grad_scale turns the K-FAC layers' reduced gradient sums into means
+ * (1 / (ranks * M)). */
+int kfac_precond_begin(kfac_precond *p, long step, int micro_batches);
+/* Sampled Fisher only (else a no-op): loss at sampled labels and a backward
+ * with capture; `micro_index` makes each micro-batch's samples distinct. */
+kfac_status kfac_precond_sampled_pass(kfac_precond *p, int n, long micro_index);
+/* Whether the capture hook is wanted in the real backward of this step. */
+int kfac_precond_capture_in_backward(const kfac_precond *p);
+kfac_status kfac_precond_capture(kfac_precond *p, int node, int n);
+void kfac_precond_end_micro(kfac_precond *p);
+kfac_status kfac_precond_finish(kfac_precond *p, double epoch, float lr, float grad_scale);
 
 /* Counters and time spent per stage since init. */
 typedef struct kfac_precond_stats {
@@ -79,6 +119,7 @@ typedef struct kfac_precond_stats {
     long factor_refreshes;    /* summed over layers */
     long inverse_refreshes;
     double seconds_capture, seconds_invert, seconds_precondition;
+    double seconds_comm;      /* reduce-scatters, all-gathers and scalar reductions */
     double last_kl_scale;
 } kfac_precond_stats;
 void kfac_precond_get_stats(const kfac_precond *p, kfac_precond_stats *out);

@@ -23,7 +23,8 @@ typedef enum kfac_status {
     KFAC_EFORMAT = -4,  /* a file exists but its content is malformed */
     KFAC_ENOTSUP = -5,  /* valid request this build or backend cannot do */
     KFAC_EBACKEND = -6, /* a backend library (BLAS, CUDA, ...) failed */
-    KFAC_ENODEV = -7    /* no device of the requested kind */
+    KFAC_ENODEV = -7,   /* no device of the requested kind */
+    KFAC_ECOMM = -8     /* a collective or the launcher failed (MPI, PMIx, NCCL) */
 } kfac_status;
 
 /* A short constant name for a status, e.g. "invalid argument". */

@@ -1,6 +1,13 @@
-/* kfac_train.h - the single-process training loop that `kfac train` runs:
- * job -> dataset, model, optimizer, schedule -> epochs of steps, evaluation
- * and metrics.
+/* kfac_train.h - the training loop that `kfac train` runs: job -> dataset,
+ * model, optimizer, schedule -> epochs of steps, evaluation and metrics, in
+ * one process or data-parallel over the ranks of a communicator.
+ *
+ * Distributed: train.batch_size is the global batch; each of the P ranks
+ * takes batch_size / P images of it as train.micro_batches micro-batches.
+ * The result equals one process running P * micro_batches micro-batches of
+ * the same size (BN statistics are per micro-batch in both), to fp32
+ * rounding of the reductions.  Rank 0 writes the output and alone calls the
+ * callbacks; every rank evaluates a share of the test set.
  *
  * Output (in job->output.dir, created if missing):
  *   job.yaml        the resolved job (defaults + file + --set)
@@ -15,6 +22,7 @@
 #ifndef KFAC_TRAIN_H
 #define KFAC_TRAIN_H
 
+#include "kfac/kfac_comm.h"
 #include "kfac/kfac_job.h"
 
 #ifdef __cplusplus
@@ -32,7 +40,10 @@ typedef struct kfac_epoch_metrics {
     double epoch_seconds;    /* training + evaluation of this epoch */
     double seconds;          /* since the start of the run */
     /* K-FAC only: seconds spent so far in its stages (cumulative) */
-    double seconds_capture, seconds_invert, seconds_precondition;
+    double seconds_capture, seconds_invert, seconds_precondition, seconds_comm;
+    int steps_in_epoch;
+    /* bytes sent per training step, summed over ranks, per stage and link */
+    double bytes_per_step[KFAC_STAGE_COUNT][KFAC_LINK_COUNT];
 } kfac_epoch_metrics;
 
 typedef struct kfac_train_callbacks {
@@ -43,11 +54,16 @@ typedef struct kfac_train_callbacks {
                         void *user);
     int progress_every;
     void (*on_epoch)(const kfac_epoch_metrics *m, void *user);
+    /* Called on every rank (the others: rank 0 only) after the last epoch,
+     * with the trained parameters (host copy, param_count floats). */
+    void (*on_finish)(const float *params, size_t param_count, void *user);
     void *user;
 } kfac_train_callbacks;
 
-/* Runs the whole job.  *final (may be NULL) receives the last epoch. */
-kfac_status kfac_train_run(const kfac_job *job, const kfac_train_callbacks *cb,
+/* Runs the whole job over `world` (NULL: this process alone; the same
+ * communicator on every rank otherwise).  *final (may be NULL) receives the
+ * last epoch (on every rank). */
+kfac_status kfac_train_run(const kfac_job *job, kfac_comm *world, const kfac_train_callbacks *cb,
                            kfac_epoch_metrics *final);
 
 #ifdef __cplusplus

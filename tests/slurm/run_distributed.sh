@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# run_distributed.sh - the distributed tests on the local Slurm cluster, with
+# srun --mpi=pmix -N 4 --ntasks-per-node=2 (8 ranks on node1..node4):
+#   rank map (PMIx) against Slurm's allocation, with --gpus-per-node=2 and
+#   --gpus-per-task=1; weights equal to one process's and bytes equal to the
+#   formula (test_distributed); a dying rank ends the job (srun -K).
+# Assumes the cluster is started (site/local/start) and BUILD holds the
+# ctest build (its tests/mpi/reference is made here if missing).
+# usage: tests/slurm/run_distributed.sh BUILD_DIR [FMNIST_DIR]
+set -uo pipefail
+case ${1:-} in
+  -h|--help|'') sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+esac
+src=$(cd "$(dirname "$0")/../.." && pwd)
+build=$(cd "$1" && pwd)
+fmnist=${2:-/usr/share/datasets/fashion-mnist}
+. "$src/site/local/env"
+export OMP_NUM_THREADS=1
+srun_8=(srun --mpi=pmix -N 4 --ntasks-per-node=2 --time=10)
+failed=0
+t0=$SECONDS
+step() {
+    local name=$1
+    shift
+    echo "== $name"
+    if "$@"; then echo "ok: $name"; else echo "FAIL: $name"; failed=1; fi
+}
+
+step "rank map, --gpus-per-node=2" bash "$src/tests/mpi/rankmap_check.sh" \
+    --bin "$build/tests/mpi/test_rankmap" --ranks 8 --nodes 4 --ppn 2 --source pmix \
+    --gpus per-node --launcher slurm -- "${srun_8[@]}" --gpus-per-node=2
+step "rank map, --gpus-per-task=1" bash "$src/tests/mpi/rankmap_check.sh" \
+    --bin "$build/tests/mpi/test_rankmap" --ranks 8 --nodes 4 --ppn 2 --source pmix \
+    --gpus per-task --launcher slurm -- "${srun_8[@]}" --gpus-per-task=1
+
+ref=$build/tests/mpi/reference
+if [ ! -s "$ref/kfac_every_step.f32" ]; then
+    mkdir -p "$ref"
+    step "one-process reference" "$build/tests/mpi/test_distributed" --reference "$ref" "$fmnist"
+fi
+step "8 ranks = one process (weights, bytes)" \
+    "${srun_8[@]}" "$build/tests/mpi/test_distributed" --compare "$ref" "$fmnist"
+step "a dying rank ends the job" bash "$src/tests/mpi/rank_death.sh" "$build/bin/kfac" "$src" \
+    "$fmnist" -- "${srun_8[@]}" -K
+
+echo "run_distributed: $((SECONDS - t0))s, $([ $failed = 0 ] && echo passed || echo FAILED)"
+if [ $failed != 0 ]; then "$src/site/local/logs" >&2 || true; fi
+exit $failed
