@@ -2,6 +2,8 @@
  * finds the ranks (kfac_topo), runs kfac_train_run and prints progress and
  * one line per epoch (rank 0).  A failing rank prints its rank and host and
  * aborts the whole job, so no rank waits forever in a collective. */
+#define _GNU_SOURCE /* sched_getaffinity */
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -124,6 +126,14 @@ int kfac_cmd_train(int argc, char **argv)
     const kfac_rank_info *me = kfac_topo_self(topo);
     int distributed = me->size > 1;
     live_terminal = !distributed && isatty(STDOUT_FILENO);
+    /* train.threads 0 means all cores: with several ranks on a node, share
+     * them (the cores this process may use, split over the node's ranks). */
+    if (job.train.threads == 0 && me->local_size > 1) {
+        int cores = (int)sysconf(_SC_NPROCESSORS_ONLN);
+        cpu_set_t set;
+        if (sched_getaffinity(0, sizeof set, &set) == 0) cores = CPU_COUNT(&set);
+        job.train.threads = cores / me->local_size > 1 ? cores / me->local_size : 1;
+    }
     if (distributed && me->rank == 0) {
         static char map[64 * 1024];
         kfac_topo_format_map(topo, map, sizeof map);

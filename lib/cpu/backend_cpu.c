@@ -46,6 +46,10 @@ kfac_status kfac_backend_cpu_init(int threads, kfac_backend **out)
     cpu->reduce_scratch = scratch;
     be->name = "cpu";
     be->threads = threads;
+    /* OpenBLAS (OpenMP build) sizes its own teams from this when called
+     * outside our parallel regions: keep it to the backend's threads, or
+     * ranks sharing a node oversubscribe it. */
+    omp_set_num_threads(threads);
     be->impl = cpu;
     be->alloc = cpu_alloc;
     be->release = cpu_release;

@@ -285,8 +285,21 @@ kfac_status kfac_inverse_cholesky(int n, const float *packed, float shift, float
 kfac_status kfac_eigh(int n, const float *packed, float *evals, float *evecs)
 {
     kfac_unpack_upper(n, packed, evecs);
-    /* LAPACKE allocates ssyevd's work arrays (~2n^2 floats) itself. */
-    lapack_int info = LAPACKE_ssyevd(LAPACK_COL_MAJOR, 'V', 'U', n, evecs, n, evals);
+    /* Work sizes from ssyevd's documented formula, not its workspace query:
+     * the query answers in a float, which rounds 1 + 6n + 2n^2 down once it
+     * passes 2^24 (n > ~2900, e.g. ResNet-50's 3x3x512 factors) and ssyevd
+     * then rejects its own answer. */
+    size_t lwork = 1 + 6 * (size_t)n + 2 * (size_t)n * n, liwork = 3 + 5 * (size_t)n;
+    float *work = malloc(lwork * sizeof(float));
+    lapack_int *iwork = malloc(liwork * sizeof(lapack_int));
+    lapack_int info = work && iwork ? LAPACKE_ssyevd_work(LAPACK_COL_MAJOR, 'V', 'U', n, evecs, n,
+                                                          evals, work, (lapack_int)lwork, iwork,
+                                                          (lapack_int)liwork)
+                                    : LAPACK_WORK_MEMORY_ERROR;
+    free(work);
+    free(iwork);
+    if (info == LAPACK_WORK_MEMORY_ERROR)
+        return KFAC_ERR(KFAC_ENOMEM, "ssyevd (order %d): out of memory for its workspace", n);
     if (info != 0) return lapack_error("ssyevd", n, info);
     /* Column-major eigenvectors are our rows: transpose so column j is eigenvector j. */
     for (int i = 0; i < n; i++)

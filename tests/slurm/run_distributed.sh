@@ -5,7 +5,7 @@
 #   --gpus-per-task=1; weights equal to one process's and bytes equal to the
 #   formula (test_distributed); a dying rank ends the job (srun -K).
 # Assumes the cluster is started (site/local/start) and BUILD holds the
-# ctest build (its tests/mpi/reference is made here if missing).
+# ctest build (its tests/mpi/reference, from ctest, is made here if missing).
 # usage: tests/slurm/run_distributed.sh BUILD_DIR [FMNIST_DIR]
 set -uo pipefail
 case ${1:-} in
@@ -16,6 +16,14 @@ build=$(cd "$1" && pwd)
 fmnist=${2:-/usr/share/datasets/fashion-mnist}
 . "$src/site/local/env"
 export OMP_NUM_THREADS=1
+# Nodes have a private /tmp: run copies from the shared folder every node
+# sees, wherever the checkout and build are.
+stage=$KFAC_CLUSTER_SHARED/run_distributed.$$
+mkdir -p "$stage/bin" "$stage/src/jobs"
+trap 'rm -rf "$stage"' EXIT
+cp "$build/tests/mpi/test_rankmap" "$build/tests/mpi/test_distributed" "$build/bin/kfac" "$stage/bin/"
+cp "$src/jobs/"*.yaml "$stage/src/jobs/"
+if [ -d "$build/tests/mpi/reference" ]; then cp -r "$build/tests/mpi/reference" "$stage/"; fi
 srun_8=(srun --mpi=pmix -N 4 --ntasks-per-node=2 --time=10)
 failed=0
 t0=$SECONDS
@@ -27,21 +35,21 @@ step() {
 }
 
 step "rank map, --gpus-per-node=2" bash "$src/tests/mpi/rankmap_check.sh" \
-    --bin "$build/tests/mpi/test_rankmap" --ranks 8 --nodes 4 --ppn 2 --source pmix \
+    --bin "$stage/bin/test_rankmap" --ranks 8 --nodes 4 --ppn 2 --source pmix \
     --gpus per-node --launcher slurm -- "${srun_8[@]}" --gpus-per-node=2
 step "rank map, --gpus-per-task=1" bash "$src/tests/mpi/rankmap_check.sh" \
-    --bin "$build/tests/mpi/test_rankmap" --ranks 8 --nodes 4 --ppn 2 --source pmix \
+    --bin "$stage/bin/test_rankmap" --ranks 8 --nodes 4 --ppn 2 --source pmix \
     --gpus per-task --launcher slurm -- "${srun_8[@]}" --gpus-per-task=1
 
-ref=$build/tests/mpi/reference
+ref=$stage/reference
 if [ ! -s "$ref/kfac_every_step.f32" ]; then
     mkdir -p "$ref"
-    step "one-process reference" "$build/tests/mpi/test_distributed" --reference "$ref" "$fmnist"
+    step "one-process reference" "$stage/bin/test_distributed" --reference "$ref" "$fmnist"
 fi
 step "8 ranks = one process (weights, bytes)" \
-    "${srun_8[@]}" "$build/tests/mpi/test_distributed" --compare "$ref" "$fmnist"
-step "a dying rank ends the job" bash "$src/tests/mpi/rank_death.sh" "$build/bin/kfac" "$src" \
-    "$fmnist" -- "${srun_8[@]}" -K
+    "${srun_8[@]}" "$stage/bin/test_distributed" --compare "$ref" "$fmnist"
+step "a dying rank ends the job" bash "$src/tests/mpi/rank_death.sh" "$stage/bin/kfac" \
+    "$stage/src" "$fmnist" -- "${srun_8[@]}" -K
 
 echo "run_distributed: $((SECONDS - t0))s, $([ $failed = 0 ] && echo passed || echo FAILED)"
 if [ $failed != 0 ]; then "$src/site/local/logs" >&2 || true; fi

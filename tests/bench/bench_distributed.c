@@ -1,0 +1,175 @@
+/* bench_distributed.c - one rank of the distributed step benchmark (run by
+ * tests/bench/run_distributed under mpirun): synthetic images, the same
+ * step the trainer runs (micro-batch forward/backward with the gradient
+ * buckets and K-FAC capture in the hook, gradient reduction, K-FAC reduce /
+ * invert / precondition / gather, SGD), timed over --steps steps after one
+ * warm-up step.  Rank 0 prints one JSON object:
+ *   {"model", "optimizer", "ranks", "batch_per_rank", "step_ms",
+ *    "bytes_per_step": {stage: bytes summed over ranks},
+ *    "kfac_factor_bytes_naive": all-reduce of full d x d and k x k factors,
+ *    "kfac_bytes_naive": that plus an all-reduce of every gradient}
+ * K-FAC refreshes factors and inverses at every step here (the worst case
+ * for traffic). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kfac/kfac_gradsync.h"
+#include "kfac/kfac_optim.h"
+#include "kfac/kfac_precond.h"
+#include "kfac/kfac_resnet.h"
+#include "kfac/kfac_rng.h"
+#include "kfac/kfac_topo.h"
+
+typedef struct bench {
+    kfac_model *model;
+    kfac_precond *kfac;
+    kfac_gradsync *sync;
+} bench;
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static kfac_status hook(kfac_model *m, int node, int n, void *user)
+{
+    bench *b = user;
+    if (b->kfac && kfac_precond_capture_in_backward(b->kfac))
+        KFAC_TRY(kfac_precond_capture(b->kfac, node, n));
+    return kfac_gradsync_node_done(b->sync, node);
+}
+
+static kfac_status step(bench *b, kfac_sgd *sgd, long s, int n, const int32_t *labels, int ranks)
+{
+    double loss;
+    int hits;
+    KFAC_TRY(kfac_gradsync_begin(b->sync, 1));
+    if (b->kfac) kfac_precond_begin(b->kfac, s, 1);
+    KFAC_TRY(kfac_model_forward(b->model, n, KFAC_MODE_TRAIN));
+    KFAC_TRY(kfac_model_loss(b->model, n, labels, 0.0f, &loss, &hits));
+    kfac_model_set_backward_hook(b->model, hook, b);
+    kfac_status st = kfac_model_backward(b->model, n);
+    kfac_model_set_backward_hook(b->model, NULL, NULL);
+    KFAC_TRY(st);
+    KFAC_TRY(kfac_gradsync_end_micro(b->sync));
+    if (b->kfac) kfac_precond_end_micro(b->kfac);
+    KFAC_TRY(kfac_gradsync_finish(b->sync, 1.0f / ranks));
+    if (b->kfac) KFAC_TRY(kfac_precond_finish(b->kfac, 0.0, 0.01f, 1.0f / ranks));
+    return kfac_sgd_step(sgd, 0.01f);
+}
+
+#define CHECK(x)                                                                   \
+    do {                                                                           \
+        if ((x) != KFAC_OK) {                                                      \
+            fprintf(stderr, "bench_distributed: %s: %s\n", #x, kfac_last_error()); \
+            return 1;                                                              \
+        }                                                                          \
+    } while (0)
+
+int main(int argc, char **argv)
+{
+    const char *model_name = "resnet8-fmnist", *optimizer = "sgd";
+    int batch = 32, steps = 5, image = 0, threads = 1;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--model")) model_name = argv[i + 1];
+        else if (!strcmp(argv[i], "--optimizer")) optimizer = argv[i + 1];
+        else if (!strcmp(argv[i], "--batch")) batch = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--steps")) steps = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--image")) image = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--threads")) threads = atoi(argv[i + 1]);
+        else {
+            fprintf(stderr, "usage: bench_distributed [--model M] [--optimizer sgd|kfac] "
+                            "[--batch per-rank] [--steps S] [--image PX] [--threads T]\n");
+            return 2;
+        }
+    }
+    kfac_topo *topo;
+    CHECK(kfac_topo_init(&topo, 0));
+    kfac_comm *world = kfac_topo_world(topo);
+    int rank = kfac_comm_rank(world), ranks = kfac_comm_size(world);
+    kfac_backend *be;
+    CHECK(kfac_backend_get("cpu", threads, &be));
+    kfac_resnet_options opt = {.image_size = image};
+    bench b = {0};
+    CHECK(kfac_resnet_build(model_name, &opt, be, batch, 1, &b.model));
+    kfac_sgd_config sc = {.momentum = 0.9f, .weight_decay = 5e-4f};
+    kfac_sgd *sgd;
+    CHECK(kfac_sgd_init(&sgd, b.model, &sc));
+    int tensors = kfac_model_num_param_tensors(b.model);
+    unsigned char *sync_tensor = calloc((size_t)tensors, 1);
+    for (int i = 0; i < tensors; i++) sync_tensor[i] = 1;
+    if (!strcmp(optimizer, "kfac")) {
+        kfac_precond_config kc;
+        kfac_precond_config_defaults(&kc);
+        kc.warmup_steps = 1 << 30; /* refresh everything every step */
+        kc.kl_clip = 0.01f;
+        CHECK(kfac_precond_init(&b.kfac, b.model, &kc));
+        CHECK(kfac_precond_set_comm(b.kfac, world));
+        for (int i = 0; i < tensors; i++) sync_tensor[i] = !kfac_precond_owns_tensor(b.kfac, i);
+    }
+    kfac_gradsync_config gc = {.overlap = 1, .max_micro_batches = 1};
+    CHECK(kfac_gradsync_init(&b.sync, b.model, world, sync_tensor, &gc));
+    /* Synthetic batch: normal pixels, uniform labels, different per rank. */
+    int h, w, c;
+    kfac_model_input_shape(b.model, &h, &w, &c);
+    size_t pixels = (size_t)batch * h * w * c;
+    float *x = malloc(pixels * sizeof(float));
+    int32_t *labels = malloc((size_t)batch * sizeof(int32_t));
+    kfac_rng rng;
+    kfac_rng_seed(&rng, 1000 + (uint64_t)rank);
+    for (size_t i = 0; i < pixels; i++) x[i] = (float)kfac_rng_normal(&rng);
+    for (int i = 0; i < batch; i++) labels[i] = (int32_t)(kfac_rng_next_u64(&rng) % (uint64_t)kfac_model_classes(b.model));
+    CHECK(be->upload(be, kfac_model_input(b.model), x, pixels * sizeof(float)));
+
+    CHECK(step(&b, sgd, 0, batch, labels, ranks)); /* warm-up */
+    kfac_comm_reset_bytes(world);
+    kfac_comm_barrier(world);
+    double t0 = now();
+    for (int s = 1; s <= steps; s++) CHECK(step(&b, sgd, s, batch, labels, ranks));
+    kfac_comm_barrier(world);
+    double ms = (now() - t0) * 1e3 / steps;
+    kfac_comm_bytes bytes;
+    kfac_comm_get_bytes(world, &bytes);
+    double per_stage[KFAC_STAGE_COUNT + 1];
+    for (int s = 0; s < KFAC_STAGE_COUNT; s++)
+        per_stage[s] = (double)(bytes.sent[s][0] + bytes.sent[s][1]) / steps;
+    per_stage[KFAC_STAGE_COUNT] = ms;
+    CHECK(kfac_comm_allreduce(world, per_stage, KFAC_STAGE_COUNT + 1, KFAC_F64, KFAC_STAGE_OTHER));
+    if (rank == 0) {
+        /* The naive scheme: every rank all-reduces full factors (ring: each
+         * rank sends 2(P-1)/P of them) and every gradient. */
+        double full = 0, params = (double)kfac_model_param_count(b.model);
+        for (int i = 0; i < kfac_model_num_nodes(b.model); i++) {
+            kfac_layer_view v;
+            kfac_model_layer(b.model, i, 1, &v);
+            if (v.kind == KFAC_NODE_CONV || v.kind == KFAC_NODE_FC) {
+                double d = (double)v.conv.kh * v.conv.kw * v.conv.c + (v.param[1] >= 0);
+                full += d * d + (double)v.conv.k * v.conv.k;
+            } else if (v.kind == KFAC_NODE_BN) {
+                full += 4.0 * v.channels; /* a full 2x2 block per channel */
+            }
+        }
+        double naive_factors = 2.0 * (ranks - 1) * full * 4, naive_grads = 2.0 * (ranks - 1) * params * 4;
+        printf("{\"model\": \"%s\", \"optimizer\": \"%s\", \"ranks\": %d, \"batch_per_rank\": %d, "
+               "\"image\": %d, \"step_ms\": %.2f, \"bytes_per_step\": {",
+               model_name, optimizer, ranks, batch, h, per_stage[KFAC_STAGE_COUNT] / ranks);
+        for (int s = 0; s < KFAC_STAGE_COUNT; s++)
+            printf("%s\"%s\": %.0f", s ? ", " : "", kfac_comm_stage_name(s), per_stage[s]);
+        printf("}, \"kfac_factor_bytes_naive\": %.0f, \"kfac_bytes_naive\": %.0f}\n", naive_factors,
+               naive_factors + naive_grads);
+    }
+    free(x);
+    free(labels);
+    free(sync_tensor);
+    kfac_gradsync_free(b.sync);
+    kfac_precond_free(b.kfac);
+    kfac_sgd_free(sgd);
+    kfac_model_free(b.model);
+    kfac_backend_free(be);
+    kfac_topo_free(topo);
+    return 0;
+}
