@@ -25,7 +25,7 @@ typedef struct layer {
     float *qa, *da, *qg, *dg;    /* eigendecompositions (eig path) */
     int channels;                /* bn */
     float *fisher, *fisher_batch;/* bn: 3 per channel */
-    float *fisher_shared;        /* bn, reduce_at_inverse: the ranks' mean at inversion */
+    float *fisher_inv;           /* bn: the Fisher as of the last inversion (preconditions) */
     int has_factors, has_inverse, stale;
     int factor_due, inverse_due;
     int interval;                /* current factor refresh interval (adaptive) */
@@ -174,8 +174,7 @@ static kfac_status init_layers(kfac_precond *p)
                 L->grad_len = 2 * (size_t)L->channels;
                 KFAC_TRY(alloc_floats(p, 3 * (size_t)L->channels, &L->fisher));
                 KFAC_TRY(alloc_floats(p, 3 * (size_t)L->channels, &L->fisher_batch));
-                if (p->cfg.reduce_at_inverse)
-                    KFAC_TRY(alloc_floats(p, 3 * (size_t)L->channels, &L->fisher_shared));
+                KFAC_TRY(alloc_floats(p, 3 * (size_t)L->channels, &L->fisher_inv));
                 max_c = (size_t)v.channels > max_c ? (size_t)v.channels : max_c;
                 p->stats.bn_layers++;
             }
@@ -260,7 +259,7 @@ void kfac_precond_free(kfac_precond *p)
         RELEASE(L->a); RELEASE(L->g); RELEASE(L->a_batch); RELEASE(L->g_batch);
         RELEASE(L->ainv); RELEASE(L->ginv); RELEASE(L->qa); RELEASE(L->da);
         RELEASE(L->qg); RELEASE(L->dg); RELEASE(L->fisher); RELEASE(L->fisher_batch);
-        RELEASE(L->fisher_shared);
+        RELEASE(L->fisher_inv);
     }
     RELEASE(p->gram_ws); RELEASE(p->sg); RELEASE(p->sb); RELEASE(p->gmat);
     RELEASE(p->pmat); RELEASE(p->tmp); RELEASE(p->chol_ws);
@@ -628,8 +627,9 @@ static kfac_status invert_due(kfac_precond *p, double epoch)
             if (L->kind != KFAC_NODE_BN)
                 KFAC_TRY(invert_layer(p, L, shared ? L->a_batch : L->a, shared ? L->g_batch : L->g,
                                       lambda));
-            else if (shared) /* batch buffers are rewritten by the next capture */
-                memcpy(L->fisher_shared, L->fisher_batch, L->factor_len * sizeof(float));
+            else /* BN's "inverse" is its Fisher as of now, on the inverse schedule */
+                memcpy(L->fisher_inv, shared ? L->fisher_batch : L->fisher,
+                       L->factor_len * sizeof(float));
             L->inverse_count++;
             p->stats.inverse_refreshes++;
         }
@@ -712,9 +712,8 @@ static double precondition_layer(kfac_precond *p, layer *L, float *block, double
 {
     if (L->kind == KFAC_NODE_BN) {
         size_t c = (size_t)L->channels;
-        const float *fisher = p->cfg.reduce_at_inverse ? L->fisher_shared : L->fisher;
         memcpy(p->gmat, block, 2 * c * sizeof(float));
-        kfac_bn_precondition(L->channels, fisher, (float)lambda, p->cfg.bn == KFAC_BN_DIAGONAL,
+        kfac_bn_precondition(L->channels, L->fisher_inv, (float)lambda, p->cfg.bn == KFAC_BN_DIAGONAL,
                              block, block + c, block, block + c);
         return dot(p->gmat, block, 2 * c);
     }
