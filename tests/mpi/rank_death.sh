@@ -10,6 +10,7 @@
 # returns an error at step 3 (kfac aborts the job and names rank and host),
 # and rank 1 is killed by SIGKILL at step 3 (the launcher must notice).
 set -u
+case ${1:-} in -h|--help|'') sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 kfac=$1 src=$2 fmnist=$3
 shift 3
 [[ ${1:-} == -- ]] && shift
