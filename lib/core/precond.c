@@ -271,6 +271,7 @@ void kfac_precond_free(kfac_precond *p)
     free(p->fsend16);
     free(p->frecv16);
     free(p->changes);
+    free(p->counts); /* grad_counts shares it */
     free(p->order);
     free(p->tensor_owned);
     free(p->layers);
