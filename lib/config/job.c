@@ -20,7 +20,6 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,6 +27,7 @@
 #include <strings.h>
 
 #include "config/yaml_tree.h"
+#include "core/strbuf.h"
 
 /* ---- the schema ---- */
 
@@ -189,29 +189,6 @@ enum { NKEYS = sizeof KEYS / sizeof KEYS[0] };
 
 /* ---- small helpers ---- */
 
-/* Appends like snprintf: `len` counts all text appended, even past `cap`. */
-typedef struct strbuf {
-    char *p;
-    size_t cap, len;
-} strbuf;
-
-static strbuf sb_init(char *p, size_t cap)
-{
-    if (cap) p[0] = '\0';
-    return (strbuf){p, cap, 0};
-}
-
-static void sb_add(strbuf *sb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_add(strbuf *sb, const char *fmt, ...)
-{
-    size_t room = sb->len < sb->cap ? sb->cap - sb->len : 0;
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(room ? sb->p + sb->len : NULL, room, fmt, ap);
-    va_end(ap);
-    if (n > 0) sb->len += (size_t)n;
-}
-
 static char *trim(char *s)
 {
     while (isspace((unsigned char)*s)) s++;
@@ -270,7 +247,7 @@ static int find_path(const char *path)
  * section `sec` (`len` bytes; 0: the top-level sections), in schema order. */
 static void known_names(char *buf, size_t cap, const char *sec, size_t len)
 {
-    strbuf sb = sb_init(buf, cap);
+    kfac_strbuf sb = kfac__strbuf_init(buf, cap);
     for (int i = 0; i < NKEYS; i++) {
         const char *child, *prev;
         size_t clen, plen;
@@ -278,7 +255,7 @@ static void known_names(char *buf, size_t cap, const char *sec, size_t len)
         int seen = 0; /* a section's name once, not once per key in it */
         for (int j = 0; j < i && !seen; j++)
             seen = under(&KEYS[j], sec, len, &prev, &plen) && plen == clen && strncmp(prev, child, clen) == 0;
-        if (!seen) sb_add(&sb, "%s%.*s", sb.len ? ", " : "", (int)clen, child);
+        if (!seen) kfac__strbuf_add(&sb, "%s%.*s", sb.len ? ", " : "", (int)clen, child);
     }
 }
 
@@ -670,48 +647,48 @@ kfac_status kfac_job_validate(const kfac_job *job) { return validate(job, NULL);
 
 /* The shortest %g text that reads back (strtof) as the same float, so
  * 0.1f prints as "0.1" rather than "0.100000001". */
-static void add_float(strbuf *sb, float v)
+static void add_float(kfac_strbuf *sb, float v)
 {
     char buf[32];
     for (int digits = 6; digits <= 9; digits++) {
         snprintf(buf, sizeof buf, "%.*g", digits, v);
         if (strtof(buf, NULL) == v) break;
     }
-    sb_add(sb, "%s", buf);
+    kfac__strbuf_add(sb, "%s", buf);
 }
 
 /* Double-quoted so that any string (':', '#', leading spaces) round-trips. */
-static void add_quoted(strbuf *sb, const char *s)
+static void add_quoted(kfac_strbuf *sb, const char *s)
 {
-    sb_add(sb, "\"");
+    kfac__strbuf_add(sb, "\"");
     for (; *s; s++) {
         unsigned char c = (unsigned char)*s;
         if (c == '"' || c == '\\')
-            sb_add(sb, "\\%c", c);
+            kfac__strbuf_add(sb, "\\%c", c);
         else if (c < 0x20 || c == 0x7f)
-            sb_add(sb, "\\x%02x", c);
+            kfac__strbuf_add(sb, "\\x%02x", c);
         else
-            sb_add(sb, "%c", c);
+            kfac__strbuf_add(sb, "%c", c);
     }
-    sb_add(sb, "\"");
+    kfac__strbuf_add(sb, "\"");
 }
 
 /* Key `k`'s value in `job` as YAML. */
-static void add_value(strbuf *sb, const kfac_job *job, const key_spec *k)
+static void add_value(kfac_strbuf *sb, const kfac_job *job, const key_spec *k)
 {
     switch (k->type) {
     case T_STR: add_quoted(sb, AT(job, k->offset, const char)); break;
-    case T_INT: sb_add(sb, "%d", *AT(job, k->offset, const int)); break;
-    case T_BOOL: sb_add(sb, "%s", *AT(job, k->offset, const int) ? "true" : "false"); break;
+    case T_INT: kfac__strbuf_add(sb, "%d", *AT(job, k->offset, const int)); break;
+    case T_BOOL: kfac__strbuf_add(sb, "%s", *AT(job, k->offset, const int) ? "true" : "false"); break;
     case T_FLOAT: add_float(sb, *AT(job, k->offset, const float)); break;
-    case T_U64: sb_add(sb, "%" PRIu64, *AT(job, k->offset, const uint64_t)); break;
+    case T_U64: kfac__strbuf_add(sb, "%" PRIu64, *AT(job, k->offset, const uint64_t)); break;
     case T_FLIST:
-        sb_add(sb, "[");
+        kfac__strbuf_add(sb, "[");
         for (int j = 0; j < *AT(job, k->count_offset, const int); j++) {
-            sb_add(sb, "%s", j ? ", " : "");
+            kfac__strbuf_add(sb, "%s", j ? ", " : "");
             add_float(sb, AT(job, k->offset, const float)[j]);
         }
-        sb_add(sb, "]");
+        kfac__strbuf_add(sb, "]");
         break;
     }
 }
@@ -723,7 +700,7 @@ kfac_status kfac_job_write_yaml(const kfac_job *job, const char *path)
     fprintf(f, "# kfac job, resolved: built-in defaults < job file < --set\n");
     for (int i = 0; i < NKEYS; i++) {
         char value[4 * KFAC_JOB_STR + 16]; /* the longest string, every byte escaped */
-        strbuf sb = sb_init(value, sizeof value);
+        kfac_strbuf sb = kfac__strbuf_init(value, sizeof value);
         add_value(&sb, job, &KEYS[i]);
         /* open the parts of this key's section that the previous key's did not share */
         const char *kpath = KEYS[i].path, *prev = i ? KEYS[i - 1].path : "";
@@ -746,12 +723,12 @@ kfac_status kfac_job_write_yaml(const kfac_job *job, const char *path)
 
 int kfac_job_describe(char *out, int cap)
 {
-    strbuf sb = sb_init(out, cap > 0 ? (size_t)cap : 0);
+    kfac_strbuf sb = kfac__strbuf_init(out, cap > 0 ? (size_t)cap : 0);
     for (int i = 0; i < NKEYS; i++) {
         const key_spec *k = &KEYS[i];
         char range[128];
         limits_text(range, sizeof range, &k->check);
-        sb_add(&sb, "%s%s (%s, default %s%s%s)\n    %s\n", i && !same_section(KEYS[i - 1].path, k->path) ? "\n" : "",
+        kfac__strbuf_add(&sb, "%s%s (%s, default %s%s%s)\n    %s\n", i && !same_section(KEYS[i - 1].path, k->path) ? "\n" : "",
                k->path, TYPES[k->type].name, k->def[0] ? k->def : "\"\"", range[0] ? ", " : "", range, k->help);
     }
     return (int)sb.len;

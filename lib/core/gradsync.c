@@ -41,11 +41,9 @@ static kfac_status make_buckets(kfac_gradsync *gs, const unsigned char *sync_ten
         }
         const kfac_param *p = kfac_model_param_tensor(m, i);
         int adjacent = cur && p->offset + p->count == cur->offset;
-        if (!adjacent || (cur->count + p->count) * sizeof(float) > gs->cfg.bucket_bytes) {
+        if (!adjacent || (cur->count + p->count) * sizeof(float) > gs->cfg.bucket_bytes)
             cur = &gs->buckets[gs->num_buckets++];
-            cur->offset = p->offset + p->count;
-        }
-        cur->offset = p->offset;
+        cur->offset = p->offset; /* buckets grow downwards */
         cur->count += p->count;
         cur->tensors++;
         gs->bucket_of_tensor[i] = (int)(cur - gs->buckets);
@@ -151,11 +149,7 @@ kfac_status kfac_gradsync_node_done(kfac_gradsync *gs, int node)
     return last && gs->cfg.overlap ? kfac_comm_progress(gs->comm) : KFAC_OK;
 }
 
-kfac_status kfac_gradsync_end_micro(kfac_gradsync *gs)
-{
-    gs->micro++;
-    return KFAC_OK;
-}
+void kfac_gradsync_end_micro(kfac_gradsync *gs) { gs->micro++; }
 
 kfac_status kfac_gradsync_finish(kfac_gradsync *gs, float scale)
 {

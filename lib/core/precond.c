@@ -49,7 +49,6 @@ struct kfac_precond {
     int any_factor_due;
     kfac_comm *comm, *self_comm; /* self_comm: the default, single process */
     int rank, size;
-    kfac_placement plan;
     int *order;                  /* layer indices by (owner, index) */
     size_t *counts;              /* per-rank factor block sizes (scratch) */
     size_t *grad_counts;         /* per-rank gradient block sizes (fixed by the plan) */
@@ -61,7 +60,7 @@ struct kfac_precond {
     unsigned char *tensor_owned; /* parameter tensors of K-FAC layers */
     void *gram_ws;
     float *sg, *sb;              /* bn per-sample sums: max_batch x max channels */
-    float *gmat, *pmat, *tmp;    /* k x d gradient scratch, largest layer */
+    float *pmat, *tmp;           /* k x d scratch, largest layer (pmat: or 2 x BN channels) */
     float *chol_ws;              /* largest order squared */
     kfac_precond_stats stats;
 };
@@ -182,8 +181,7 @@ static kfac_status init_layers(kfac_precond *p)
     KFAC_TRY(p->be->alloc(p->be, max_ws ? max_ws : 64, &p->gram_ws));
     KFAC_TRY(alloc_floats(p, (size_t)max_batch * max_c, &p->sg));
     KFAC_TRY(alloc_floats(p, (size_t)max_batch * max_c, &p->sb));
-    KFAC_TRY(alloc_floats(p, max_kd, &p->gmat));
-    KFAC_TRY(alloc_floats(p, max_kd, &p->pmat));
+    KFAC_TRY(alloc_floats(p, max_kd > 2 * max_c ? max_kd : 2 * max_c, &p->pmat));
     KFAC_TRY(alloc_floats(p, max_kd, &p->tmp));
     KFAC_TRY(alloc_floats(p, max_order * max_order, &p->chol_ws));
     size_t max_factor = 1, factors = 0, grads = 0;
@@ -261,12 +259,11 @@ void kfac_precond_free(kfac_precond *p)
         RELEASE(L->qg); RELEASE(L->dg); RELEASE(L->fisher); RELEASE(L->fisher_batch);
         RELEASE(L->fisher_inv);
     }
-    RELEASE(p->gram_ws); RELEASE(p->sg); RELEASE(p->sb); RELEASE(p->gmat);
+    RELEASE(p->gram_ws); RELEASE(p->sg); RELEASE(p->sb);
     RELEASE(p->pmat); RELEASE(p->tmp); RELEASE(p->chol_ws);
     RELEASE(p->micro_tmp); RELEASE(p->fsend); RELEASE(p->frecv); RELEASE(p->gbuf);
     RELEASE(p->grecv);
 #undef RELEASE
-    kfac_placement_free(&p->plan);
     kfac_comm_free(p->self_comm);
     free(p->fsend16);
     free(p->frecv16);
@@ -301,8 +298,8 @@ kfac_status kfac_precond_set_comm(kfac_precond *p, kfac_comm *comm)
         cost[i] = L->kind == KFAC_NODE_BN ? kfac_placement_cost_bn(L->channels)
                                           : kfac_placement_cost(L->d, L->k);
     }
-    kfac_placement_free(&p->plan);
-    kfac_status st = kfac_placement_greedy(p->num_layers, cost, kfac_comm_size(comm), &p->plan);
+    kfac_placement plan;
+    kfac_status st = kfac_placement_greedy(p->num_layers, cost, kfac_comm_size(comm), &plan);
     free(cost);
     if (st != KFAC_OK) {
         free(counts);
@@ -317,7 +314,7 @@ kfac_status kfac_precond_set_comm(kfac_precond *p, kfac_comm *comm)
     /* Layers sorted by owner (insertion sort: tens of layers), so each
      * owner's layers form one block of every by-owner buffer. */
     for (int i = 0; i < p->num_layers; i++) {
-        p->layers[i].owner = p->plan.owner[i];
+        p->layers[i].owner = plan.owner[i];
         int j = i;
         while (j > 0 && by_owner(p, p->order[j - 1], i) > 0) {
             p->order[j] = p->order[j - 1];
@@ -325,6 +322,7 @@ kfac_status kfac_precond_set_comm(kfac_precond *p, kfac_comm *comm)
         }
         p->order[j] = i;
     }
+    kfac_placement_free(&plan);
     size_t off = 0;
     for (int k = 0; k < p->num_layers; k++) {
         layer *L = &p->layers[p->order[k]];
@@ -336,8 +334,6 @@ kfac_status kfac_precond_set_comm(kfac_precond *p, kfac_comm *comm)
 }
 
 int kfac_precond_owns_tensor(const kfac_precond *p, int tensor) { return p->tensor_owned[tensor]; }
-
-int kfac_precond_layer_owner(const kfac_precond *p, int index) { return p->layers[index].owner; }
 
 static int mine(const kfac_precond *p, const layer *L) { return L->owner == p->rank; }
 
@@ -362,13 +358,14 @@ int kfac_precond_plan(kfac_precond *p, long step)
  * factor moved less than the threshold, and resets when it moved more. */
 static void schedule_next_factor(kfac_precond *p, layer *L, double change)
 {
-    if (p->cfg.adaptive_threshold > 0 && p->step >= p->cfg.warmup_steps) {
+    /* The 2x2 BN blocks are cheap: BN stays on the base interval. */
+    if (L->kind != KFAC_NODE_BN && p->cfg.adaptive_threshold > 0 && p->step >= p->cfg.warmup_steps) {
         if (change < p->cfg.adaptive_threshold)
             L->interval = 2 * L->interval < p->cfg.max_interval ? 2 * L->interval : p->cfg.max_interval;
         else
             L->interval = p->cfg.factor_interval;
     }
-    L->next_factor = p->step + (L->kind == KFAC_NODE_BN ? p->cfg.factor_interval : L->interval);
+    L->next_factor = p->step + L->interval;
 }
 
 /* ---- capture (backward hook) ---- */
@@ -487,13 +484,26 @@ static int factor_parts(layer *L, int running, float *part[2], size_t len[2])
 
 static int selected(const layer *L, int which) { return which ? L->inverse_due : L->factor_due; }
 
+/* Factor traffic in 16 bits: one rounding on the way out. */
+static uint16_t to_wire16(kfac_dtype t, float x)
+{
+    return t == KFAC_F16 ? kfac_f32_to_f16(x) : kfac_f32_to_bf16(x);
+}
+
+static float from_wire16(kfac_dtype t, uint16_t h)
+{
+    return t == KFAC_F16 ? kfac_f16_to_f32(h) : kfac_bf16_to_f32(h);
+}
+
 /* Reduce-scatters the factors of the selected layers (which = 0: layers
  * whose factors are due, batch estimates; 1: layers whose inverse is due,
  * running averages) to their owners, scaled by `scale`, into the owners'
  * batch buffers. */
 static kfac_status reduce_factors(kfac_precond *p, int which, float scale)
 {
-    size_t off = 0, elem = p->cfg.factor_dtype == KFAC_F32 ? 0 : 1;
+    kfac_dtype t = p->cfg.factor_dtype;
+    int half = t != KFAC_F32;
+    size_t off = 0;
     memset(p->counts, 0, (size_t)p->size * sizeof(size_t));
     for (int k = 0; k < p->num_layers; k++) {
         layer *L = &p->layers[p->order[k]];
@@ -502,10 +512,8 @@ static kfac_status reduce_factors(kfac_precond *p, int which, float scale)
         size_t len[2];
         int parts = factor_parts(L, which, part, len);
         for (int j = 0; j < parts; j++) {
-            if (elem)
-                for (size_t i = 0; i < len[j]; i++)
-                    p->fsend16[off + i] = p->cfg.factor_dtype == KFAC_F16 ? kfac_f32_to_f16(part[j][i])
-                                                                          : kfac_f32_to_bf16(part[j][i]);
+            if (half)
+                for (size_t i = 0; i < len[j]; i++) p->fsend16[off + i] = to_wire16(t, part[j][i]);
             else
                 memcpy(p->fsend + off, part[j], len[j] * sizeof(float));
             off += len[j];
@@ -513,9 +521,9 @@ static kfac_status reduce_factors(kfac_precond *p, int which, float scale)
         }
     }
     double t0 = now_seconds();
-    KFAC_TRY(kfac_comm_reduce_scatterv(p->comm, elem ? (void *)p->fsend16 : (void *)p->fsend,
-                                       elem ? (void *)p->frecv16 : (void *)p->frecv, p->counts,
-                                       p->cfg.factor_dtype, KFAC_STAGE_FACTOR_REDUCE));
+    KFAC_TRY(kfac_comm_reduce_scatterv(p->comm, half ? (void *)p->fsend16 : (void *)p->fsend,
+                                       half ? (void *)p->frecv16 : (void *)p->frecv, p->counts, t,
+                                       KFAC_STAGE_FACTOR_REDUCE));
     p->stats.seconds_comm += now_seconds() - t0;
     off = 0;
     for (int k = 0; k < p->num_layers; k++) {
@@ -525,16 +533,21 @@ static kfac_status reduce_factors(kfac_precond *p, int which, float scale)
         size_t len[2];
         int parts = factor_parts(L, 0, part, len);
         for (int j = 0; j < parts; j++) {
-            for (size_t i = 0; i < len[j]; i++) {
-                float x = !elem ? p->frecv[off + i]
-                          : p->cfg.factor_dtype == KFAC_F16 ? kfac_f16_to_f32(p->frecv16[off + i])
-                                                            : kfac_bf16_to_f32(p->frecv16[off + i]);
-                part[j][i] = x * scale;
-            }
+            for (size_t i = 0; i < len[j]; i++)
+                part[j][i] = scale * (half ? from_wire16(t, p->frecv16[off + i]) : p->frecv[off + i]);
             off += len[j];
         }
     }
     return KFAC_OK;
+}
+
+static void scale_batch(layer *L, float s)
+{
+    float *part[2];
+    size_t len[2];
+    int parts = factor_parts(L, 0, part, len);
+    for (int j = 0; j < parts; j++)
+        for (size_t e = 0; e < len[j]; e++) part[j][e] *= s;
 }
 
 /* Shares each refreshed layer's factor change (known to its folder) so the
@@ -554,21 +567,14 @@ static kfac_status share_changes(kfac_precond *p)
 static kfac_status refresh_factors(kfac_precond *p)
 {
     float mean = 1.0f / (float)p->micro_batches;
-    if (!p->cfg.reduce_at_inverse) KFAC_TRY(reduce_factors(p, 0, mean / (float)p->size));
+    int local = p->cfg.reduce_at_inverse;
+    if (!local) KFAC_TRY(reduce_factors(p, 0, mean / (float)p->size));
     for (int i = 0; i < p->num_layers; i++) {
         layer *L = &p->layers[i];
         p->changes[i] = 0;
-        if (!L->factor_due) continue;
-        if (p->cfg.reduce_at_inverse || mine(p, L)) {
-            if (p->cfg.reduce_at_inverse && mean != 1.0f) {
-                float *part[2];
-                size_t len[2];
-                int parts = factor_parts(L, 0, part, len);
-                for (int j = 0; j < parts; j++)
-                    for (size_t e = 0; e < len[j]; e++) part[j][e] *= mean;
-            }
-            p->changes[i] = fold_layer(p, L);
-        }
+        if (!L->factor_due || !(local || mine(p, L))) continue;
+        if (local) scale_batch(L, mean);
+        p->changes[i] = fold_layer(p, L);
     }
     KFAC_TRY(share_changes(p));
     for (int i = 0; i < p->num_layers; i++) {
@@ -642,42 +648,36 @@ static kfac_status invert_due(kfac_precond *p, double epoch)
     return KFAC_OK;
 }
 
-/* gbuf block of one layer: [dW (k x dw) | db (k)] for conv/FC, [dgamma |
- * dbeta] for BN. */
-static void pack_grad(const kfac_precond *p, const layer *L, const float *grads, float *dst)
+/* A layer's gbuf block is the matrix K-FAC works on: [dW | db] (k x d)
+ * for conv/FC, [dgamma | dbeta] for BN.  From the model's gradients, and
+ * back. */
+static void pack_grad(const kfac_precond *p, const layer *L, const float *grads, float *block)
 {
-    const kfac_param *w = kfac_model_param_tensor(p->model, L->weight);
-    memcpy(dst, grads + w->offset, w->count * sizeof(float));
-    if (L->bias >= 0) {
-        const kfac_param *b = kfac_model_param_tensor(p->model, L->bias);
-        memcpy(dst + w->count, grads + b->offset, b->count * sizeof(float));
+    const float *w = grads + kfac_model_param_tensor(p->model, L->weight)->offset;
+    const float *b = L->bias >= 0 ? grads + kfac_model_param_tensor(p->model, L->bias)->offset : NULL;
+    if (L->kind == KFAC_NODE_BN) {
+        memcpy(block, w, (size_t)L->channels * sizeof(float));
+        memcpy(block + L->channels, b, (size_t)L->channels * sizeof(float));
+        return;
     }
-}
-
-static void unpack_grad(const kfac_precond *p, const layer *L, const float *src, float *grads)
-{
-    const kfac_param *w = kfac_model_param_tensor(p->model, L->weight);
-    memcpy(grads + w->offset, src, w->count * sizeof(float));
-    if (L->bias >= 0) {
-        const kfac_param *b = kfac_model_param_tensor(p->model, L->bias);
-        memcpy(grads + b->offset, src + w->count, b->count * sizeof(float));
-    }
-}
-
-/* [dW | db] (k x d) from a packed gradient block, and back. */
-static void block_to_matrix(const layer *L, const float *block, float *gmat)
-{
     for (int r = 0; r < L->k; r++) {
-        memcpy(gmat + (size_t)r * L->d, block + (size_t)r * L->dw, L->dw * sizeof(float));
-        if (L->bias >= 0) gmat[(size_t)r * L->d + L->dw] = block[(size_t)L->k * L->dw + r];
+        memcpy(block + (size_t)r * L->d, w + (size_t)r * L->dw, L->dw * sizeof(float));
+        if (b) block[(size_t)r * L->d + L->dw] = b[r];
     }
 }
 
-static void matrix_to_block(const layer *L, const float *pmat, float *block)
+static void unpack_grad(const kfac_precond *p, const layer *L, const float *block, float *grads)
 {
+    float *w = grads + kfac_model_param_tensor(p->model, L->weight)->offset;
+    float *b = L->bias >= 0 ? grads + kfac_model_param_tensor(p->model, L->bias)->offset : NULL;
+    if (L->kind == KFAC_NODE_BN) {
+        memcpy(w, block, (size_t)L->channels * sizeof(float));
+        memcpy(b, block + L->channels, (size_t)L->channels * sizeof(float));
+        return;
+    }
     for (int r = 0; r < L->k; r++) {
-        memcpy(block + (size_t)r * L->dw, pmat + (size_t)r * L->d, L->dw * sizeof(float));
-        if (L->bias >= 0) block[(size_t)L->k * L->dw + r] = pmat[(size_t)r * L->d + L->dw];
+        memcpy(w + (size_t)r * L->dw, block + (size_t)r * L->d, L->dw * sizeof(float));
+        if (b) b[r] = block[(size_t)r * L->d + L->dw];
     }
 }
 
@@ -711,22 +711,18 @@ static double dot(const float *a, const float *b, size_t n)
 /* Preconditions one owned layer's gradient block in place; returns <P, g>. */
 static double precondition_layer(kfac_precond *p, layer *L, float *block, double lambda)
 {
-    if (L->kind == KFAC_NODE_BN) {
-        size_t c = (size_t)L->channels;
-        memcpy(p->gmat, block, 2 * c * sizeof(float));
+    size_t c = (size_t)L->channels;
+    if (L->kind == KFAC_NODE_BN)
         kfac_bn_precondition(L->channels, L->fisher_inv, (float)lambda, p->cfg.bn == KFAC_BN_DIAGONAL,
-                             block, block + c, block, block + c);
-        return dot(p->gmat, block, 2 * c);
-    }
-    size_t kd = (size_t)L->k * L->d;
-    block_to_matrix(L, block, p->gmat);
-    if (p->cfg.exact_kronecker)
-        kfac_precondition_eig_exact(L->k, L->d, L->qg, L->dg, L->qa, L->da, (float)lambda, p->gmat,
+                             block, block + c, p->pmat, p->pmat + c);
+    else if (p->cfg.exact_kronecker)
+        kfac_precondition_eig_exact(L->k, L->d, L->qg, L->dg, L->qa, L->da, (float)lambda, block,
                                     p->pmat, p->tmp);
     else
-        kfac_precondition(L->k, L->d, L->ginv, L->ainv, p->gmat, p->pmat, p->tmp);
-    matrix_to_block(L, p->pmat, block);
-    return dot(p->pmat, p->gmat, kd);
+        kfac_precondition(L->k, L->d, L->ginv, L->ainv, block, p->pmat, p->tmp);
+    double pg = dot(p->pmat, block, L->grad_len);
+    memcpy(block, p->pmat, L->grad_len * sizeof(float));
+    return pg;
 }
 
 /* Owners precondition their blocks; the KL clip scale comes from <P, g>

@@ -17,6 +17,7 @@
 #include "kfac/kfac_optim.h"
 #include "kfac/kfac_precond.h"
 #include "kfac/kfac_resnet.h"
+#include "kfac/kfac_step.h"
 #include "kfac/kfac_train.h"
 
 typedef struct trainer {
@@ -167,25 +168,18 @@ static kfac_status build_model(trainer *t)
         .decay_bn_and_bias = job->optimizer.decay_bn_and_bias,
     };
     KFAC_TRY(kfac_sgd_init(&t->sgd, t->model, &sgd));
-    unsigned char *sync_tensor = NULL;
     if (strcmp(job->optimizer.name, "kfac") == 0) {
         kfac_precond_config kc;
         precond_config_from_job(job, &kc);
         KFAC_TRY(kfac_precond_init(&t->kfac, t->model, &kc));
         KFAC_TRY(kfac_precond_set_comm(t->kfac, t->world));
-        int tensors = kfac_model_num_param_tensors(t->model);
-        sync_tensor = malloc((size_t)tensors + 1);
-        if (!sync_tensor) return KFAC_ERR(KFAC_ENOMEM, "trainer: out of memory");
-        for (int i = 0; i < tensors; i++) sync_tensor[i] = !kfac_precond_owns_tensor(t->kfac, i);
     }
     kfac_gradsync_config gc = {
         .bucket_bytes = (size_t)(job->distributed.bucket_mb * 1024.0 * 1024.0),
         .overlap = job->distributed.overlap,
         .max_micro_batches = t->micro_batches,
     };
-    kfac_status st = kfac_gradsync_init(&t->sync, t->model, t->world, sync_tensor, &gc);
-    free(sync_tensor);
-    KFAC_TRY(st);
+    KFAC_TRY(kfac_step_gradsync(t->model, t->kfac, t->world, &gc, &t->sync));
     t->labels = malloc((size_t)max_batch * sizeof(int32_t));
     size_t image = (size_t)t->train_set->height * t->train_set->width * t->train_set->channels;
     t->host_images = malloc((size_t)max_batch * image * sizeof(float));
@@ -308,51 +302,43 @@ static kfac_status injected_fault(const trainer *t, long step)
     return KFAC_ERR(KFAC_ECOMM, "injected failure at step %ld (KFAC_FAULT=%s)", step, spec);
 }
 
-/* The backward hook: K-FAC capture, then gradient buckets. */
-static kfac_status step_hook(kfac_model *m, int node, int n, void *user)
+/* This rank's micro-batch `micro` of the global batch being trained. */
+typedef struct slice_loader {
+    trainer *t;
+    size_t batch;
+} slice_loader;
+
+static kfac_status load_slice(void *user, int micro, int *n, const int32_t **labels)
 {
-    trainer *t = user;
-    if (t->kfac && kfac_precond_capture_in_backward(t->kfac))
-        KFAC_TRY(kfac_precond_capture(t->kfac, node, n));
-    return kfac_gradsync_node_done(t->sync, node);
+    slice_loader *sl = user;
+    trainer *t = sl->t;
+    int local = t->job->train.batch_size / t->size;
+    KFAC_TRY(load_batch(t, t->train_batches, sl->batch, t->rank * local + micro * t->micro_size,
+                        t->micro_size, n));
+    if (*n != t->micro_size)
+        return KFAC_ERR(KFAC_EINVAL, "trainer: batch %zu has %d images where %d were due",
+                        sl->batch, *n, t->micro_size);
+    *labels = t->labels;
+    return KFAC_OK;
 }
 
-/* One optimizer step on global batch `batch`: this rank's slice of it in
- * micro-batches, gradients averaged over every rank's micro-batches. */
+/* One optimizer step on global batch `batch`. */
 static kfac_status train_step(trainer *t, long step, size_t batch, double epoch, float lr,
                               double *loss_sum, long *correct, long *seen)
 {
-    const kfac_job *job = t->job;
-    int local = job->train.batch_size / t->size;
+    kfac_step s = {
+        .model = t->model,
+        .sgd = t->sgd,
+        .kfac = t->kfac,
+        .sync = t->sync,
+        .rank = t->rank,
+        .ranks = t->size,
+        .micro_batches = t->micro_batches,
+        .label_smoothing = t->job->train.label_smoothing,
+    };
+    slice_loader sl = {t, batch};
     KFAC_TRY(injected_fault(t, step));
-    KFAC_TRY(kfac_gradsync_begin(t->sync, t->micro_batches));
-    if (t->kfac) kfac_precond_begin(t->kfac, step, t->micro_batches);
-    for (int j = 0; j < t->micro_batches; j++) {
-        int n, hits;
-        double l;
-        KFAC_TRY(load_batch(t, t->train_batches, batch, t->rank * local + j * t->micro_size,
-                            t->micro_size, &n));
-        if (n != t->micro_size)
-            return KFAC_ERR(KFAC_EINVAL, "trainer: batch %zu has %d images where %d were due",
-                            batch, n, t->micro_size);
-        KFAC_TRY(kfac_model_forward(t->model, n, KFAC_MODE_TRAIN));
-        if (t->kfac)
-            KFAC_TRY(kfac_precond_sampled_pass(t->kfac, n, (long)t->rank * t->micro_batches + j));
-        KFAC_TRY(kfac_model_loss(t->model, n, t->labels, job->train.label_smoothing, &l, &hits));
-        kfac_model_set_backward_hook(t->model, step_hook, t);
-        kfac_status st = kfac_model_backward(t->model, n);
-        kfac_model_set_backward_hook(t->model, NULL, NULL);
-        KFAC_TRY(st);
-        KFAC_TRY(kfac_gradsync_end_micro(t->sync));
-        if (t->kfac) kfac_precond_end_micro(t->kfac);
-        *loss_sum += l;
-        *correct += hits;
-        *seen += n;
-    }
-    float mean = 1.0f / (float)(t->size * t->micro_batches);
-    KFAC_TRY(kfac_gradsync_finish(t->sync, mean));
-    if (t->kfac) KFAC_TRY(kfac_precond_finish(t->kfac, epoch, lr, mean));
-    return kfac_sgd_step(t->sgd, lr);
+    return kfac_step_run(&s, step, epoch, lr, load_slice, &sl, loss_sum, correct, seen);
 }
 
 /* Bytes all ranks sent during the epoch's training steps, per step. */

@@ -15,11 +15,11 @@
 #include "kfac/kfac_topo.h"
 
 #include <mpi.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/strbuf.h"
 #include "topo/topo_internal.h"
 
 struct kfac_topo {
@@ -29,7 +29,6 @@ struct kfac_topo {
     int *node_of_rank;     /* size entries */
     kfac_comm *world, *intra, *inter;
     int mpi_started;  /* kfac_topo_init called MPI_Init_thread */
-    int pmix_started; /* PMIx answered and stays initialised until free */
 };
 
 const char *kfac_topo_source_name(kfac_topo_source s)
@@ -282,7 +281,6 @@ static kfac_status discover_pmix(kfac_topo *t, mpi_ctx *c, kfac__pmix_answer *an
     kfac_status st = KFAC_OK;
     if (!env_flag("KFAC_TOPO_NO_PMIX") && kfac__topo_pmix_query(ans) == KFAC_OK) {
         ok = 1;
-        t->pmix_started = 1;
         if (ans->rank != t->rank || ans->size != t->size)
             st = KFAC_ERR(KFAC_ECOMM,
                           "topo: PMIx says rank %d of %d but MPI says rank %d of %d on %s; "
@@ -292,10 +290,6 @@ static kfac_status discover_pmix(kfac_topo *t, mpi_ctx *c, kfac__pmix_answer *an
     if (st == KFAC_OK) kfac_clear_error(); /* a failed PMIx_Init is not an error here */
     KFAC_TRY(agree(c, t->rank, st, "PMIx discovery"));
     KFAC_TRY(TOPO_MPI(MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, c->work), "MPI_Allreduce"));
-    if (ok && !all_ok) {
-        kfac__topo_pmix_finalize();
-        t->pmix_started = 0;
-    }
     t->source = all_ok ? KFAC_TOPO_PMIX : KFAC_TOPO_MPI;
     return KFAC_OK;
 }
@@ -442,7 +436,6 @@ static void release(kfac_topo *t, int finalize_mpi)
     kfac_comm_free(t->inter);
     kfac_comm_free(t->intra);
     kfac_comm_free(t->world);
-    if (t->pmix_started) kfac__topo_pmix_finalize();
     if (t->mpi_started && finalize_mpi) {
         int finalized = 0;
         MPI_Finalized(&finalized);
@@ -504,22 +497,6 @@ kfac_comm *kfac_topo_inter(kfac_topo *t) { return t->inter; }
 
 /* ---- node map ---- */
 
-typedef struct map_out {
-    char *buf;
-    size_t len, pos;
-} map_out;
-
-static void put(map_out *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void put(map_out *o, const char *fmt, ...)
-{
-    size_t room = o->pos < o->len ? o->len - o->pos : 0;
-    va_list ap;
-    va_start(ap, fmt);
-    int k = vsnprintf(room ? o->buf + o->pos : NULL, room, fmt, ap);
-    va_end(ap);
-    if (k > 0) o->pos += (size_t)k;
-}
-
 typedef struct map_slot {
     int node, local_rank, rank;
 } map_slot;
@@ -534,7 +511,7 @@ static int cmp_slot(const void *a, const void *b)
 
 /* One line: "node N HOST: ranks LIST gpus G,G cores C|C"; members are the
  * node's ranks by local rank. */
-static void put_node(map_out *o, const kfac_topo *t, const map_slot *members, int n,
+static void put_node(kfac_strbuf *o, const kfac_topo *t, const map_slot *members, int n,
                      int *scratch)
 {
     for (int i = 0; i < n; i++) scratch[i] = members[i].rank;
@@ -544,24 +521,23 @@ static void put_node(map_out *o, const kfac_topo *t, const map_slot *members, in
             scratch[j] = scratch[j - 1];
             scratch[j - 1] = tmp;
         }
-    put(o, "node %d %s: ranks ", members[0].node, t->ranks[scratch[0]].host);
-    size_t room = o->pos < o->len ? o->len - o->pos : 0;
-    int k = kfac__topo_range_list(room ? o->buf + o->pos : NULL, room, scratch, n);
-    o->pos += (size_t)k;
-    put(o, " gpus ");
+    kfac__strbuf_add(o, "node %d %s: ranks ", members[0].node, t->ranks[scratch[0]].host);
+    size_t room = kfac__strbuf_room(o);
+    o->len += (size_t)kfac__topo_range_list(room ? o->p + o->len : NULL, room, scratch, n);
+    kfac__strbuf_add(o, " gpus ");
     for (int i = 0; i < n; i++) {
         int gpu = t->ranks[members[i].rank].gpu;
         if (gpu >= 0)
-            put(o, "%s%d", i ? "," : "", gpu);
+            kfac__strbuf_add(o, "%s%d", i ? "," : "", gpu);
         else
-            put(o, "%s-", i ? "," : "");
+            kfac__strbuf_add(o, "%s-", i ? "," : "");
     }
-    put(o, " cores ");
+    kfac__strbuf_add(o, " cores ");
     for (int i = 0; i < n; i++) {
         const char *cores = t->ranks[members[i].rank].cores;
-        put(o, "%s%s", i ? "|" : "", cores[0] ? cores : "-");
+        kfac__strbuf_add(o, "%s%s", i ? "|" : "", cores[0] ? cores : "-");
     }
-    put(o, "\n");
+    kfac__strbuf_add(o, "\n");
 }
 
 int kfac_topo_format_map(const kfac_topo *t, char *buf, size_t len)
@@ -573,8 +549,7 @@ int kfac_topo_format_map(const kfac_topo *t, char *buf, size_t len)
         free(scratch);
         return -1;
     }
-    map_out o = {buf, len, 0};
-    if (len) buf[0] = '\0';
+    kfac_strbuf o = kfac__strbuf_init(buf, len);
     for (int r = 0; r < t->size; r++)
         order[r] = (map_slot){t->ranks[r].node, t->ranks[r].local_rank, r};
     qsort(order, (size_t)t->size, sizeof *order, cmp_slot);
@@ -586,5 +561,5 @@ int kfac_topo_format_map(const kfac_topo *t, char *buf, size_t len)
     }
     free(scratch);
     free(order);
-    return (int)o.pos;
+    return (int)o.len;
 }

@@ -34,13 +34,11 @@ typedef struct kfac__pmix_answer {
 
 /* ---- topo_pmix.c ---- */
 
-/* PMIx_Init and the queries above.  On success PMIx stays initialised
- * until kfac__topo_pmix_finalize (PMIx counts its inits, so this nests with
- * Open MPI's own).  On failure (no server, a key not
- * answered) PMIx is finalised again and the message says why; the caller
+/* PMIx_Init, the queries above, PMIx_Finalize: the answers are all we
+ * need, and PMIx counts its inits, so Open MPI's own stays untouched.  On
+ * failure (no server, a key not answered) the message says why; the caller
  * falls back to MPI. */
 kfac_status kfac__topo_pmix_query(kfac__pmix_answer *out);
-void kfac__topo_pmix_finalize(void);
 
 /* ---- topo_local.c ---- */
 

@@ -113,11 +113,6 @@ kfac_status kfac__topo_pmix_query(kfac__pmix_answer *out)
     if (rc != PMIX_SUCCESS)
         return KFAC_ERR(KFAC_ECOMM, "topo: PMIx_Init failed: %s", PMIx_Error_string(rc));
     kfac_status st = query_all(&self, out);
-    if (st != KFAC_OK) {
-        PMIx_Finalize(NULL, 0);
-        return st;
-    }
-    return KFAC_OK;
+    PMIx_Finalize(NULL, 0);
+    return st;
 }
-
-void kfac__topo_pmix_finalize(void) { PMIx_Finalize(NULL, 0); }

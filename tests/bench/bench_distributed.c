@@ -1,8 +1,6 @@
 /* bench_distributed.c - one rank of the distributed step benchmark (run by
- * tests/bench/run_distributed under mpirun): synthetic images, the same
- * step the trainer runs (micro-batch forward/backward with the gradient
- * buckets and K-FAC capture in the hook, gradient reduction, K-FAC reduce /
- * invert / precondition / gather, SGD), timed over --steps steps after one
+ * tests/bench/run_distributed under mpirun): synthetic images through the
+ * trainer's step (kfac_step_run), timed over --steps steps after one
  * warm-up step.  Rank 0 prints one JSON object:
  *   {"model", "optimizer", "ranks", "batch_per_rank", "step_ms",
  *    "bytes_per_step": {stage: bytes summed over ranks},
@@ -15,18 +13,10 @@
 #include <string.h>
 #include <time.h>
 
-#include "kfac/kfac_gradsync.h"
-#include "kfac/kfac_optim.h"
-#include "kfac/kfac_precond.h"
 #include "kfac/kfac_resnet.h"
 #include "kfac/kfac_rng.h"
+#include "kfac/kfac_step.h"
 #include "kfac/kfac_topo.h"
-
-typedef struct bench {
-    kfac_model *model;
-    kfac_precond *kfac;
-    kfac_gradsync *sync;
-} bench;
 
 static double now(void)
 {
@@ -35,31 +25,18 @@ static double now(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static kfac_status hook(kfac_model *m, int node, int n, void *user)
-{
-    bench *b = user;
-    if (b->kfac && kfac_precond_capture_in_backward(b->kfac))
-        KFAC_TRY(kfac_precond_capture(b->kfac, node, n));
-    return kfac_gradsync_node_done(b->sync, node);
-}
+/* The same synthetic batch at every step (already in the model's input). */
+typedef struct fixed_batch {
+    int n;
+    const int32_t *labels;
+} fixed_batch;
 
-static kfac_status step(bench *b, kfac_sgd *sgd, long s, int n, const int32_t *labels, int ranks)
+static kfac_status load_fixed(void *user, int micro, int *n, const int32_t **labels)
 {
-    double loss;
-    int hits;
-    KFAC_TRY(kfac_gradsync_begin(b->sync, 1));
-    if (b->kfac) kfac_precond_begin(b->kfac, s, 1);
-    KFAC_TRY(kfac_model_forward(b->model, n, KFAC_MODE_TRAIN));
-    KFAC_TRY(kfac_model_loss(b->model, n, labels, 0.0f, &loss, &hits));
-    kfac_model_set_backward_hook(b->model, hook, b);
-    kfac_status st = kfac_model_backward(b->model, n);
-    kfac_model_set_backward_hook(b->model, NULL, NULL);
-    KFAC_TRY(st);
-    KFAC_TRY(kfac_gradsync_end_micro(b->sync));
-    if (b->kfac) kfac_precond_end_micro(b->kfac);
-    KFAC_TRY(kfac_gradsync_finish(b->sync, 1.0f / ranks));
-    if (b->kfac) KFAC_TRY(kfac_precond_finish(b->kfac, 0.0, 0.01f, 1.0f / ranks));
-    return kfac_sgd_step(sgd, 0.01f);
+    const fixed_batch *fb = user;
+    *n = fb->n;
+    *labels = fb->labels;
+    return KFAC_OK;
 }
 
 #define CHECK(x)                                                                   \
@@ -94,14 +71,10 @@ int main(int argc, char **argv)
     kfac_backend *be;
     CHECK(kfac_backend_get("cpu", threads, &be));
     kfac_resnet_options opt = {.image_size = image};
-    bench b = {0};
+    kfac_step b = {.rank = rank, .ranks = ranks, .micro_batches = 1};
     CHECK(kfac_resnet_build(model_name, &opt, be, batch, 1, &b.model));
     kfac_sgd_config sc = {.momentum = 0.9f, .weight_decay = 5e-4f};
-    kfac_sgd *sgd;
-    CHECK(kfac_sgd_init(&sgd, b.model, &sc));
-    int tensors = kfac_model_num_param_tensors(b.model);
-    unsigned char *sync_tensor = calloc((size_t)tensors, 1);
-    for (int i = 0; i < tensors; i++) sync_tensor[i] = 1;
+    CHECK(kfac_sgd_init(&b.sgd, b.model, &sc));
     if (!strcmp(optimizer, "kfac")) {
         kfac_precond_config kc;
         kfac_precond_config_defaults(&kc);
@@ -109,10 +82,9 @@ int main(int argc, char **argv)
         kc.kl_clip = 0.01f;
         CHECK(kfac_precond_init(&b.kfac, b.model, &kc));
         CHECK(kfac_precond_set_comm(b.kfac, world));
-        for (int i = 0; i < tensors; i++) sync_tensor[i] = !kfac_precond_owns_tensor(b.kfac, i);
     }
     kfac_gradsync_config gc = {.overlap = 1, .max_micro_batches = 1};
-    CHECK(kfac_gradsync_init(&b.sync, b.model, world, sync_tensor, &gc));
+    CHECK(kfac_step_gradsync(b.model, b.kfac, world, &gc, &b.sync));
     /* Synthetic batch: normal pixels, uniform labels, different per rank. */
     int h, w, c;
     kfac_model_input_shape(b.model, &h, &w, &c);
@@ -125,11 +97,15 @@ int main(int argc, char **argv)
     for (int i = 0; i < batch; i++) labels[i] = (int32_t)(kfac_rng_next_u64(&rng) % (uint64_t)kfac_model_classes(b.model));
     CHECK(be->upload(be, kfac_model_input(b.model), x, pixels * sizeof(float)));
 
-    CHECK(step(&b, sgd, 0, batch, labels, ranks)); /* warm-up */
+    fixed_batch fb = {batch, labels};
+    double loss = 0;
+    long correct = 0, seen = 0;
+#define STEP(s) kfac_step_run(&b, (s), 0.0, 0.01f, load_fixed, &fb, &loss, &correct, &seen)
+    CHECK(STEP(0)); /* warm-up */
     kfac_comm_reset_bytes(world);
     kfac_comm_barrier(world);
     double t0 = now();
-    for (int s = 1; s <= steps; s++) CHECK(step(&b, sgd, s, batch, labels, ranks));
+    for (int s = 1; s <= steps; s++) CHECK(STEP(s));
     kfac_comm_barrier(world);
     double ms = (now() - t0) * 1e3 / steps;
     kfac_comm_bytes bytes;
@@ -164,10 +140,9 @@ int main(int argc, char **argv)
     }
     free(x);
     free(labels);
-    free(sync_tensor);
     kfac_gradsync_free(b.sync);
     kfac_precond_free(b.kfac);
-    kfac_sgd_free(sgd);
+    kfac_sgd_free(b.sgd);
     kfac_model_free(b.model);
     kfac_backend_free(be);
     kfac_topo_free(topo);

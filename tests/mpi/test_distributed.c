@@ -87,7 +87,9 @@ static int run_case(const test_case *c, const char *fmnist, kfac_comm *world, in
     snprintf(sets[n++], 160, "train.batch_size=%d", R * MICRO);
     snprintf(sets[n++], 160, "train.micro_batches=%d", R / ranks);
     snprintf(sets[n++], 160, "train.max_steps=%d", STEPS);
-    snprintf(sets[n++], 160, "output.dir=/tmp/kfac_test_distributed_%d", (int)getpid());
+    char out[64];
+    snprintf(out, sizeof out, "/tmp/kfac_test_distributed_%d", (int)getpid());
+    snprintf(sets[n++], 160, "output.dir=%s", out);
     snprintf(sets[n++], 160, "train.epochs=1");
     snprintf(sets[n++], 160, "train.threads=1");
     snprintf(sets[n++], 160, "schedule.warmup_epochs=0");
@@ -104,6 +106,12 @@ static int run_case(const test_case *c, const char *fmnist, kfac_comm *world, in
     kfac_train_callbacks cb = {.on_finish = keep_params};
     kfac_status st = kfac_train_run(&job, world, &cb, em);
     CHECK(st == KFAC_OK, "%s: %s", c->name, kfac_last_error());
+    char path[512]; /* rank 0's output: job.yaml and the metrics */
+    snprintf(path, sizeof path, "%s/job.yaml", out);
+    remove(path);
+    snprintf(path, sizeof path, "%s/%s", out, job.output.metrics);
+    remove(path);
+    rmdir(out);
     return st == KFAC_OK;
 }
 

@@ -47,7 +47,7 @@ kfac_status kfac_gradsync_begin(kfac_gradsync *gs, int micro_batches);
 /* From the backward hook: node `node` has written its parameter gradients. */
 kfac_status kfac_gradsync_node_done(kfac_gradsync *gs, int node);
 /* After each micro-batch's backward. */
-kfac_status kfac_gradsync_end_micro(kfac_gradsync *gs);
+void kfac_gradsync_end_micro(kfac_gradsync *gs);
 /* Completes every bucket and scales the synchronized gradients. */
 kfac_status kfac_gradsync_finish(kfac_gradsync *gs, float scale);
 

@@ -82,8 +82,6 @@ kfac_status kfac_precond_set_comm(kfac_precond *p, kfac_comm *comm);
 /* Whether parameter tensor `tensor` belongs to a K-FAC layer (its gradient
  * is reduced by kfac_precond_finish, not by a data-parallel all-reduce). */
 int kfac_precond_owns_tensor(const kfac_precond *p, int tensor);
-/* Owner rank of layer `index` (see kfac_precond_layer_name). */
-int kfac_precond_layer_owner(const kfac_precond *p, int index);
 
 /* The whole single-process step on the model's current input: forward,
  * loss (summed loss and correct count as kfac_model_loss), backward(s) with
