@@ -509,7 +509,7 @@ static int cmp_slot(const void *a, const void *b)
     return (x->rank > y->rank) - (x->rank < y->rank);
 }
 
-/* One line: "node N HOST: ranks LIST gpus G,G cores C|C"; members are the
+/* One line: "node N HOST: ranks LIST gpus G,G cores C|C nics X|Y"; members are the
  * node's ranks by local rank. */
 static void put_node(kfac_strbuf *o, const kfac_topo *t, const map_slot *members, int n,
                      int *scratch)
@@ -536,6 +536,11 @@ static void put_node(kfac_strbuf *o, const kfac_topo *t, const map_slot *members
     for (int i = 0; i < n; i++) {
         const char *cores = t->ranks[members[i].rank].cores;
         kfac__strbuf_add(o, "%s%s", i ? "|" : "", cores[0] ? cores : "-");
+    }
+    kfac__strbuf_add(o, " nics ");
+    for (int i = 0; i < n; i++) {
+        const char *nic = t->ranks[members[i].rank].nic;
+        kfac__strbuf_add(o, "%s%s", i ? "|" : "", nic[0] ? nic : "-");
     }
     kfac__strbuf_add(o, "\n");
 }

@@ -54,7 +54,8 @@ void kfac__topo_pick_gpu(const char *cvd, int local_rank, int local_size, kfac_r
                          uint64_t *key);
 
 /* info->cores and info->numa from the process's CPU binding (hwloc, else
- * sched_getaffinity; numa "" when unknown). */
+ * sched_getaffinity; numa "" when unknown), and info->nic, the network
+ * device nearest it (hwloc; "" when none is known).  Needs local_rank. */
 void kfac__topo_cpu_binding(kfac_rank_info *info);
 
 /* Writes the sorted set of `n` non-negative ints as a range list ("0-3,8")

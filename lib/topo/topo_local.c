@@ -1,7 +1,7 @@
 /* topo_local.c - what a process can learn about itself without talking to
  * other ranks: the node's name, the GPU it should use (from
- * CUDA_VISIBLE_DEVICES as Slurm sets it) and its CPU binding (hwloc, with
- * sched_getaffinity as the fallback).
+ * CUDA_VISIBLE_DEVICES as Slurm sets it), its CPU binding (hwloc, with
+ * sched_getaffinity as the fallback) and the network device nearest to it.
  */
 #define _GNU_SOURCE /* sched_getaffinity, CPU_SET */
 #include "topo/topo_internal.h"
@@ -146,10 +146,39 @@ static void mark_truncated(char *buf, size_t len)
     memcpy(buf + len - 4, "...", 4);
 }
 
+/* The network device nearest the binding: InfiniBand/RoCE HCAs
+ * (OpenFabrics) before plain network interfaces; among the devices local to
+ * the binding (or all, if none is), the local_rank-th, so ranks of a node
+ * spread over its NICs. */
+static void pick_nic(hwloc_topology_t topo, hwloc_const_bitmap_t cpus, int local_rank,
+                     char *out, size_t len)
+{
+    static const hwloc_obj_osdev_type_t kinds[] = {HWLOC_OBJ_OSDEV_OPENFABRICS,
+                                                   HWLOC_OBJ_OSDEV_NETWORK};
+    out[0] = '\0';
+    for (int k = 0; k < 2; k++) {
+        const char *local[64], *any[64];
+        int nlocal = 0, nany = 0;
+        for (hwloc_obj_t o = NULL; (o = hwloc_get_next_osdev(topo, o)) != NULL;) {
+            if (o->attr->osdev.type != kinds[k] || !o->name || nany == 64) continue;
+            hwloc_obj_t host = hwloc_get_non_io_ancestor_obj(topo, o);
+            any[nany++] = o->name;
+            if (host && host->cpuset && hwloc_bitmap_intersects(host->cpuset, cpus))
+                local[nlocal++] = o->name;
+        }
+        if (nlocal || nany) {
+            snprintf(out, len, "%s", nlocal ? local[local_rank % nlocal] : any[local_rank % nany]);
+            return;
+        }
+    }
+}
+
 static int binding_hwloc(kfac_rank_info *info)
 {
     hwloc_topology_t topo;
     if (hwloc_topology_init(&topo) != 0) return -1;
+    /* PCI devices and their OS devices (NICs, HCAs), nothing else of I/O. */
+    hwloc_topology_set_io_types_filter(topo, HWLOC_TYPE_FILTER_KEEP_IMPORTANT);
     int ok = -1;
     hwloc_bitmap_t cpus = hwloc_bitmap_alloc();
     hwloc_bitmap_t nodes = hwloc_bitmap_alloc();
@@ -163,6 +192,7 @@ static int binding_hwloc(kfac_rank_info *info)
             hwloc_bitmap_list_snprintf(info->numa, sizeof info->numa, nodes) >=
                 (int)sizeof info->numa)
             mark_truncated(info->numa, sizeof info->numa);
+        pick_nic(topo, cpus, info->local_rank, info->nic, sizeof info->nic);
         ok = 0;
     }
     hwloc_bitmap_free(nodes);
@@ -188,6 +218,7 @@ static int binding_affinity(kfac_rank_info *info)
 void kfac__topo_cpu_binding(kfac_rank_info *info)
 {
     if (binding_hwloc(info) == 0) return;
+    info->nic[0] = '\0';
     if (binding_affinity(info) == 0) return;
     info->cores[0] = info->numa[0] = '\0';
 }

@@ -21,7 +21,7 @@
 #
 # Always checked: test_rankmap exits 0 and says OK; one line per rank, ranks
 # 0..size-1; the node map has one line per node whose host, rank list and
-# GPU list match the rank lines; each rank's gpu/device follow kfac_topo.h's
+# GPU and NIC lists match the rank lines; each rank's gpu/device follow kfac_topo.h's
 # rules applied to CUDA_VISIBLE_DEVICES as the launcher set it for that rank.
 # Under Slurm each rank's host is the SLURMD_NODENAME of its task and there
 # are as many hosts as nodes; under mpirun all ranks are on this one host.
@@ -112,7 +112,7 @@ function pick(cvd, lr, ls,   raw, n, e, i, m, x) {
 }
 /^node [0-9]+ / {
     id = $2 + 0; h = $3; sub(/:$/, "", h)
-    map_host[id] = h; map_ranks[id] = expand($5); map_gpus[id] = $7; map_lines++
+    map_host[id] = h; map_ranks[id] = expand($5); map_gpus[id] = $7; map_nics[id] = $11; map_lines++
     next
 }
 /^rank=/ {
@@ -124,7 +124,7 @@ function pick(cvd, lr, ls,   raw, n, e, i, m, x) {
     size[r] = f["size"]; lr[r] = f["local_rank"] + 0; ls[r] = f["local_size"] + 0
     node[r] = f["node"] + 0; nn[r] = f["num_nodes"] + 0; host[r] = f["host"]
     gpu[r] = f["gpu"] + 0; dev[r] = f["device"] + 0; shared[r] = f["shared"] + 0
-    src[r] = f["source"]; snode[r] = f["slurm_node"]; cvd[r] = f["cvd"]
+    src[r] = f["source"]; snode[r] = f["slurm_node"]; cvd[r] = f["cvd"]; nic[r] = f["nic"]
     next
 }
 /^test_rankmap: OK/ { ok = 1 }
@@ -155,6 +155,7 @@ END {
         if (launcher == "none" && (S != 1 || src[r] != "single")) fail("no launcher, but rank " r " of " S " from " src[r])
         # The node map agrees with the rank lines.
         n = node[r]; mine[n] = mine[n] (mine[n] == "" ? "" : ",") r; gl[n, lr[r]] = gpu[r] < 0 ? "-" : gpu[r]
+        nl[n, lr[r]] = nic[r]
         if (map_host[n] != host[r]) fail("node map: node " n " on " map_host[n] ", rank " r " says " host[r])
         if (!(host[r] in hosts)) { hosts[host[r]] = 1; nhosts++ }
     }
@@ -167,6 +168,9 @@ END {
         want = ""
         for (l = 0; (n, l) in gl; l++) want = want (l ? "," : "") gl[n, l]
         if (map_gpus[n] != want) fail("node map: node " n " gpus " map_gpus[n] ", rank lines say " want)
+        want = ""
+        for (l = 0; (n, l) in nl; l++) want = want (l ? "|" : "") nl[n, l]
+        if (map_nics[n] != want) fail("node map: node " n " nics " map_nics[n] ", rank lines say " want)
     }
     if (launcher == "slurm" && nhosts != N) fail(nhosts " distinct hosts for " N " nodes")
     if (launcher == "mpirun" && N != 1) fail("mpirun on one host, but " N " nodes")

@@ -4,7 +4,7 @@
  * Rank 0 prints the node map (kfac_topo_format_map), then one line per rank
  * in rank order:
  *   rank=R size=S local_rank=L local_size=LS node=N num_nodes=NN host=H
- *   gpu=G device=D cores=C source=SRC shared=0|1 numa=M slurm_node=SN cvd=V
+ *   gpu=G device=D cores=C source=SRC shared=0|1 numa=M nic=X slurm_node=SN cvd=V
  * (one line each; slurm_node and cvd are SLURMD_NODENAME and
  * CUDA_VISIBLE_DEVICES as the launcher set them for that rank, "-" when
  * unset, for tests/mpi/rankmap_check.sh to compare against).  Then it checks:
@@ -12,7 +12,8 @@
  * of each node are 0..local_size-1; node ids are 0..num_nodes-1 in order of
  * each node's first rank; the intra communicator has local_size ranks and
  * the inter communicator of local rank 0 has num_nodes; sums over the world,
- * intra and inter communicators count their ranks.  Exits 1 on any failure
+ * intra and inter communicators count their ranks; the NIC, when one was
+ * found, is a device of this host (/sys/class/net or /sys/class/infiniband).  Exits 1 on any failure
  * (every rank alike), after printing what failed.  --force-mpi passes
  * force_mpi (an MPI singleton when no launcher started it).
  */
@@ -21,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kfac/kfac_topo.h"
 
@@ -45,10 +47,10 @@ static void format_line(const kfac_topo *t, char *line)
     const kfac_rank_info *r = kfac_topo_self(t);
     snprintf(line, LINE,
              "rank=%d size=%d local_rank=%d local_size=%d node=%d num_nodes=%d host=%s gpu=%d "
-             "device=%d cores=%s source=%s shared=%d numa=%s slurm_node=%s cvd=%s",
+             "device=%d cores=%s source=%s shared=%d numa=%s nic=%s slurm_node=%s cvd=%s",
              r->rank, r->size, r->local_rank, r->local_size, r->node, r->num_nodes, r->host,
              r->gpu, r->device, or_dash(r->cores), kfac_topo_source_name(kfac_topo_source_used(t)),
-             r->gpu_shared, or_dash(r->numa), or_dash(getenv("SLURMD_NODENAME")),
+             r->gpu_shared, or_dash(r->numa), or_dash(r->nic), or_dash(getenv("SLURMD_NODENAME")),
              or_dash(getenv("CUDA_VISIBLE_DEVICES")));
 }
 
@@ -130,6 +132,17 @@ static void check_map(const kfac_topo *t, int me, int num_nodes)
     free(map);
 }
 
+/* A NIC hwloc named must be one of this host's network devices. */
+static void check_nic(const kfac_rank_info *self, int me)
+{
+    if (!self->nic[0]) return;
+    char net[128], ib[128];
+    snprintf(net, sizeof net, "/sys/class/net/%s", self->nic);
+    snprintf(ib, sizeof ib, "/sys/class/infiniband/%s", self->nic);
+    CHECK(access(net, F_OK) == 0 || access(ib, F_OK) == 0, "nic %s is not a device of this host",
+          self->nic);
+}
+
 /* Sums of 1 over each communicator count its ranks. */
 static void check_comms(kfac_topo *t, int me)
 {
@@ -184,6 +197,7 @@ int main(int argc, char **argv)
     }
     check_table(t, me, size);
     check_map(t, me, self->num_nodes);
+    check_nic(self, me);
     if (me == 0) fflush(stdout);
 
     char line[LINE] = {0};

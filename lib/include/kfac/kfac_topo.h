@@ -29,7 +29,10 @@
  *
  * Cores: the process's CPU binding (hwloc when built with it, else
  * sched_getaffinity), as a list string like "0-3,8"; numa: the NUMA nodes
- * the binding touches.
+ * the binding touches.  NIC: the network device hwloc places nearest the
+ * binding, InfiniBand/RoCE HCAs before Ethernet; with several equally near,
+ * local ranks take them in turn.  It is reported (the map, NCCL_IB_HCA or
+ * UCX_NET_DEVICES can use it), not enforced.
  */
 #ifndef KFAC_TOPO_H
 #define KFAC_TOPO_H
@@ -61,6 +64,7 @@ typedef struct kfac_rank_info {
     int gpu_shared; /* more local ranks than visible GPUs */
     char cores[KFAC_TOPO_LIST]; /* CPU binding, e.g. "0-3" */
     char numa[KFAC_TOPO_LIST];  /* NUMA nodes of the binding, e.g. "0" ("" unknown) */
+    char nic[KFAC_TOPO_HOST];   /* nearest network device, e.g. "mlx5_0" ("" unknown) */
 } kfac_rank_info;
 
 typedef struct kfac_topo kfac_topo;
@@ -93,10 +97,10 @@ kfac_comm *kfac_topo_intra(kfac_topo *t); /* ranks of this node */
 kfac_comm *kfac_topo_inter(kfac_topo *t); /* this local rank on every node */
 
 /* Writes the node map: one line per node,
- *   "node 0 node1: ranks 0-1 gpus 0,1 cores 0-1|2-3"
+ *   "node 0 node1: ranks 0-1 gpus 0,1 cores 0-1|2-3 nics mlx5_0|mlx5_1"
  * (host of the node's first rank; ranks as a range list; gpus per local
- * rank, "-" for none; cores per local rank separated by '|', "-" when
- * unknown; each line ends in '\n').  Returns the number of characters
+ * rank, "-" for none; cores and nics per local rank separated by '|', "-"
+ * when unknown; each line ends in '\n').  Returns the number of characters
  * needed, as snprintf does (-1 when out of memory). */
 int kfac_topo_format_map(const kfac_topo *t, char *buf, size_t len);
 
