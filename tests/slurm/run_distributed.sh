@@ -24,6 +24,7 @@ trap 'rm -rf "$stage"' EXIT
 cp "$build/tests/mpi/test_rankmap" "$build/tests/mpi/test_distributed" "$build/bin/kfac" "$stage/bin/"
 cp "$src/jobs/"*.yaml "$stage/src/jobs/"
 if [ -d "$build/tests/mpi/reference" ]; then cp -r "$build/tests/mpi/reference" "$stage/"; fi
+cd "$stage" # tasks start in the submit folder: one every node sees
 srun_8=(srun --mpi=pmix -N 4 --ntasks-per-node=2 --time=10)
 failed=0
 t0=$SECONDS
