@@ -9,7 +9,9 @@ static const struct {
     int (*run)(int argc, char **argv);
     const char *summary;
 } COMMANDS[] = {
-    {"train", kfac_cmd_train, "train a model from a job YAML (single process)"},
+    {"train", kfac_cmd_train, "train a model from a job YAML (one process or one rank per GPU/core under srun/mpirun)"},
+    {"prep", kfac_cmd_prep, "convert JPEG/PNG folders or IDX files into HDF5 shards"},
+    {"stage", kfac_cmd_stage, "copy a dataset's shards to node-local storage, once per node"},
 };
 
 static void usage(FILE *out)

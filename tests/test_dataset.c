@@ -20,6 +20,9 @@
 #define FMNIST_MEAN 0.2860f
 #define FMNIST_STD 0.3530f
 
+/* Image sizes reported by read_image where the test does not look at them. */
+static int h_, w_;
+
 /* ---- files ---- */
 
 static void put_be32(uint8_t *p, uint32_t v)
@@ -130,7 +133,7 @@ static void check_split(const kfac_dataset *ds, size_t count, size_t per_class)
     size_t per_label[10] = {0};
     int bad = 0;
     for (size_t i = 0; i < ds->count; i++) {
-        if (ds->read_image(ds, i, image, &label) != KFAC_OK || label < 0 || label > 9) {
+        if (ds->read_image(ds, i, image, &h_, &w_, &label) != KFAC_OK || label < 0 || label > 9) {
             bad++;
             continue;
         }
@@ -139,9 +142,9 @@ static void check_split(const kfac_dataset *ds, size_t count, size_t per_class)
     CHECK(bad == 0, "%d images unreadable or with a bad label", bad);
     for (int c = 0; c < 10; c++)
         CHECK(per_label[c] == per_class, "class %d has %zu images", c, per_label[c]);
-    CHECK_OK(ds->read_image(ds, 0, image, &label));
+    CHECK_OK(ds->read_image(ds, 0, image, &h_, &w_, &label));
     CHECK(label == 9, "first label %d, expected 9", label);
-    CHECK(ds->read_image(ds, ds->count, image, &label) == KFAC_EINVAL, "index past the end");
+    CHECK(ds->read_image(ds, ds->count, image, &h_, &w_, &label) == KFAC_EINVAL, "index past the end");
 }
 
 /* Parses the first two training images straight from the .gz, not through
@@ -162,8 +165,8 @@ static void check_against_raw_gzip(const kfac_dataset *ds)
     for (int i = 0; i < 784; i++) reference_sum += raw[16 + i];
     uint8_t image[2][784];
     int32_t label;
-    CHECK_OK(ds->read_image(ds, 0, image[0], &label));
-    CHECK_OK(ds->read_image(ds, 1, image[1], &label));
+    CHECK_OK(ds->read_image(ds, 0, image[0], &h_, &w_, &label));
+    CHECK_OK(ds->read_image(ds, 1, image[1], &h_, &w_, &label));
     for (int i = 0; i < 784; i++) sum += image[0][i];
     CHECK(sum == reference_sum && reference_sum > 0, "image 0 pixel sum %ld, reference %ld", sum,
           reference_sum);
@@ -275,7 +278,7 @@ static void test_small_files(const char *tmp)
               "small: %zu images of %dx%dx%d", ds->count, ds->height, ds->width, ds->channels);
         uint8_t image[6];
         int32_t label;
-        CHECK_OK(ds->read_image(ds, 2, image, &label));
+        CHECK_OK(ds->read_image(ds, 2, image, &h_, &w_, &label));
         CHECK(label == 9 && memcmp(image, pixels + 12, 6) == 0, "small image 2, label %d", label);
     }
     kfac_dataset_free(ds);
@@ -301,7 +304,7 @@ static void test_corrupt_files(const kfac_dataset *train)
     uint8_t image[784];
     for (size_t i = 0; i < 60000; i++) {
         int32_t label = 0;
-        train->read_image(train, i, image, &label);
+        train->read_image(train, i, image, &h_, &w_, &label);
         labels[i] = (uint8_t)label;
     }
     test_truncated(tmp, labels);
@@ -324,12 +327,15 @@ static uint8_t synth_pixel(size_t index, size_t offset)
     return (uint8_t)h;
 }
 
-static kfac_status synth_read(const kfac_dataset *ds, size_t index, uint8_t *hwc, int32_t *label)
+static kfac_status synth_read(const kfac_dataset *ds, size_t index, uint8_t *hwc,
+                              int *image_height, int *image_width, int32_t *label)
 {
     const synth_dataset *s = (const synth_dataset *)ds;
     if (index == s->fail_index) return KFAC_ERR(KFAC_EIO, "synthetic failure at image %zu", index);
     size_t n = (size_t)ds->height * ds->width * ds->channels;
     for (size_t i = 0; i < n; i++) hwc[i] = synth_pixel(index, i);
+    *image_height = ds->height;
+    *image_width = ds->width;
     *label = (int32_t)index;
     return KFAC_OK;
 }
@@ -338,8 +344,8 @@ static synth_dataset synth_make(size_t count, int height, int width, int channel
 {
     synth_dataset s = {.fail_index = SIZE_MAX};
     s.base = (kfac_dataset){.count = count, .height = height, .width = width,
-                            .channels = channels, .num_classes = (int)count,
-                            .read_image = synth_read};
+                            .channels = channels, .fixed_size = 1,
+                            .num_classes = (int)count, .read_image = synth_read};
     return s;
 }
 
@@ -560,7 +566,7 @@ static void test_batcher_real_order(const kfac_dataset *train)
     uint8_t image[784];
     CHECK_OK(kfac_batcher_next(b, images, labels, &n));
     for (int i = 0; i < n; i++) {
-        train->read_image(train, (size_t)i, image, &label);
+        train->read_image(train, (size_t)i, image, &h_, &w_, &label);
         wrong += label != labels[i];
         for (int j = 0; j < 784; j++)
             wrong += !close_enough(images[i * 784 + j], normalised(image[j], &cfg, 0));

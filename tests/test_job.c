@@ -101,7 +101,7 @@ static void test_defaults(void)
     CHECK(!strcmp(job.model.name, "resnet8-fmnist") && !job.model.zero_init_residual, "model");
     CHECK(!strcmp(job.data.format, "idx") && !strcmp(job.data.path, "/usr/share/datasets/fashion-mnist"),
           "data files");
-    CHECK(job.data.augment == 1 && job.data.pad == 2 && job.data.mean == 0.2860f && job.data.std == 0.3530f,
+    CHECK(job.data.augment == 1 && job.data.pad == 2 && job.data.num_mean == 1 && job.data.mean[0] == 0.2860f && job.data.num_std == 1 && job.data.std[0] == 0.3530f,
           "data");
     CHECK(!strcmp(job.optimizer.name, "sgd") && job.optimizer.momentum == 0.9f && job.optimizer.nesterov == 1 &&
               job.optimizer.weight_decay == 5e-4f && !job.optimizer.decay_bn_and_bias,
@@ -151,6 +151,8 @@ static void test_valid_file(void)
                        "  path: '/data/fmnist'\n"
                        "  augment: off\n"
                        "  pad: 4\n"
+                       "  mean: [0.485, 0.456, 0.406]\n"
+                       "  std: 0.25\n"
                        "optimizer:\n"
                        "  momentum: 0.95\n"
                        "  nesterov: False\n"
@@ -171,6 +173,9 @@ static void test_valid_file(void)
                        0, NULL));
     CHECK(!strcmp(job.model.name, "resnet20") && job.model.zero_init_residual == 1, "model");
     CHECK(!strcmp(job.data.path, "/data/fmnist") && job.data.augment == 0 && job.data.pad == 4, "data");
+    CHECK(job.data.num_mean == 3 && job.data.mean[2] == 0.406f && job.data.num_std == 1 &&
+              job.data.std[0] == 0.25f,
+          "per-channel mean, one std (a number is a list of one)");
     CHECK(job.optimizer.momentum == 0.95f && job.optimizer.nesterov == 0 && job.optimizer.weight_decay == 1e-4f,
           "optimizer");
     CHECK(job.schedule.lr == 0.4f && !strcmp(job.schedule.decay, "step") && job.schedule.gamma == 0.2f, "lr");
@@ -251,8 +256,10 @@ static void test_file_errors(void)
                  ":1:1: expected a mapping of sections (model, data, optimizer, schedule, train, distributed, output), got a list");
     EXPECT_ERROR("train:\n  [a]: 1\n", KFAC_EINVAL, ":2:3: expected a key name, got a list");
 
-    EXPECT_ERROR("schedule:\n  milestones: 30\n", KFAC_EINVAL,
-                 ":2:15: schedule.milestones: expected a list of numbers like [30, 60], got a scalar");
+    EXPECT_ERROR("schedule:\n  milestones: {a: 1}\n", KFAC_EINVAL,
+                 ":2:15: schedule.milestones: expected a number or a list of numbers like [30, 60], got a mapping");
+    EXPECT_ERROR("data:\n  mean: []\n", KFAC_EINVAL, ":2:9: data.mean: needs one value, or one per channel");
+    EXPECT_ERROR("data:\n  std: [0.2, 0]\n", KFAC_EINVAL, ":2:8: data.std: must be > 0, got 0");
     EXPECT_ERROR("schedule:\n  milestones: [30, x]\n", KFAC_EINVAL, ":2:20: schedule.milestones: expected a number, got 'x'");
     EXPECT_ERROR("schedule:\n  milestones: [30, [1]]\n", KFAC_EINVAL,
                  ":2:20: schedule.milestones: expected a number, got a list");
@@ -450,7 +457,7 @@ static void test_round_trip(void)
     CHECK_OK(kfac_job_write_yaml(&job, path));
     CHECK_OK(kfac_job_load(&back, path, 0, NULL));
     CHECK(same_job(&job, &back), "write -> load gives the same job");
-    CHECK(!strcmp(back.data.path, "/d/\"q\" \\ x: #y") && back.data.mean == 0.1234567f && back.data.std == 3e-7f &&
+    CHECK(!strcmp(back.data.path, "/d/\"q\" \\ x: #y") && back.data.mean[0] == 0.1234567f && back.data.std[0] == 3e-7f &&
               back.train.seed == 12345678901234u && back.schedule.milestones[2] == 1000,
           "spot checks");
     CHECK(!strcmp(back.optimizer.kfac.exclude, "fc, \"layer1.*\": #x") && back.optimizer.kfac.damping == 0.0123f &&

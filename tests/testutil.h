@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 static int test_passed_count, test_failed_count;
 
@@ -42,6 +43,36 @@ static inline double test_max_rel_err(const float *a, const double *b, size_t n,
         if (fabs(b[i]) > max_ref) max_ref = fabs(b[i]);
     }
     return max_abs_diff / max_ref;
+}
+
+/* A whole file in a malloc'ed buffer (NUL-terminated, *n bytes before the
+ * NUL), or NULL when it cannot be read. */
+static inline char *test_read_file(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = len >= 0 ? malloc((size_t)len + 1) : NULL;
+    if (buf && fread(buf, 1, (size_t)len, f) != (size_t)len) {
+        free(buf);
+        buf = NULL;
+    }
+    fclose(f);
+    if (buf) buf[len] = '\0', *n = (size_t)len;
+    return buf;
+}
+
+/* Whether two files have the same bytes. */
+static inline int test_same_file(const char *a, const char *b)
+{
+    size_t na = 0, nb = 0;
+    char *x = test_read_file(a, &na), *y = test_read_file(b, &nb);
+    int same = x && y && na == nb && memcmp(x, y, na) == 0;
+    free(x);
+    free(y);
+    return same;
 }
 
 static inline int test_summary(const char *name)

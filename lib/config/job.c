@@ -42,7 +42,7 @@ static const struct {
     [T_BOOL] = {"bool", "true or false"},
     [T_FLOAT] = {"float", "a number"},
     [T_U64] = {"uint64", "a non-negative integer"},
-    [T_FLIST] = {"float list", "a list of numbers like [30, 60]"},
+    [T_FLIST] = {"float list", "a number or a list of numbers like [30, 60]"},
 };
 
 /* Size of the kfac_job member that holds a value of type `t`. */
@@ -101,12 +101,23 @@ static const key_spec KEYS[] = {
     KEY(model, zero_init_residual, T_BOOL, "false", ANY,
         "start the last batch-norm scale of each residual block at zero"),
 
-    KEY(data, format, T_STR, "idx", ONE_OF("idx|hdf5"), "dataset file format (hdf5: shards made by kfac prep; training reads them once the HDF5 loader lands)"),
+    KEY(data, format, T_STR, "idx", ONE_OF("idx|hdf5"), "dataset file format: idx (MNIST-style files) or hdf5 (shards made by kfac prep)"),
     KEY(data, path, T_STR, "/usr/share/datasets/fashion-mnist", ANY, "folder holding the dataset files"),
-    KEY(data, augment, T_BOOL, "true", ANY, "augment training images (random pad-crop)"),
+    KEY(data, augment, T_BOOL, "true", ANY, "augment training images (data.transform)"),
+    KEY(data, transform, T_STR, "pad_crop", ONE_OF("pad_crop|random_resized_crop"),
+        "training augmentation: pad_crop (random pad-crop + flip) or random_resized_crop (ImageNet)"),
     KEY(data, pad, T_INT, "2", AT_LEAST(0), "pad-crop padding in pixels"),
-    KEY(data, mean, T_FLOAT, "0.2860", ANY, "normalisation mean of pixel values scaled to [0, 1]"),
-    KEY(data, std, T_FLOAT, "0.3530", ABOVE(0), "normalisation standard deviation"),
+    KEY(data, scale_min, T_FLOAT, "0.08", FRACTION, "random_resized_crop: smallest crop area fraction"),
+    KEY(data, crop, T_INT, "0", AT_LEAST(0), "side of the square sample the model sees (0: the stored size)"),
+    KEY(data, val_resize, T_INT, "0", AT_LEAST(0),
+        "evaluation: shorter side scaled to this before the center crop (0: crop only)"),
+    LIST(data, mean, num_mean, "[0.2860]", ANY, "normalisation mean of pixel values scaled to [0, 1]: one per channel, or one for all"),
+    LIST(data, std, num_std, "[0.3530]", ABOVE(0), "normalisation standard deviation: one per channel, or one for all"),
+    KEY(data, loader_threads, T_INT, "0", AT_LEAST(0), "threads decoding and augmenting a batch (0: train.threads)"),
+    KEY(data, prefetch, T_INT, "2", AT_LEAST(0), "micro-batches prepared ahead on a loader thread (0: read in the step)"),
+    KEY(data, stage, T_STR, "none", ONE_OF("none|copy|broadcast"),
+        "hdf5: copy the shards to node-local storage first, once per node (broadcast: read once, sent over MPI)"),
+    KEY(data, local_dir, T_STR, "", EMPTY_OK, "staging folder (\"\": $SLURM_TMPDIR, else $TMPDIR, else /tmp)"),
 
     KEY(optimizer, name, T_STR, "sgd", ONE_OF("sgd|kfac"),
         "optimizer (kfac: K-FAC preconditioning, configured by optimizer.kfac, then this SGD)"),
@@ -410,8 +421,10 @@ static kfac_status set_from_node(kfac_job *job, const key_spec *k, const ytree *
         KFAC_TRY(expect_kind(value, YTREE_SCALAR, k->type, w));
         return parse_scalar(k->type, value->text, AT(job, k->offset, void), w);
     }
-    KFAC_TRY(expect_kind(value, YTREE_LIST, k->type, w));
     list_clear(job, k);
+    if (value->kind == YTREE_SCALAR) /* one number is a list of one */
+        return list_push(job, k, value->text, w);
+    KFAC_TRY(expect_kind(value, YTREE_LIST, k->type, w));
     for (int j = 0; j < value->n; j++) {
         const ytree *item = value->kids[j];
         format_where(w, file, (origin){item->line, item->col}, k->path);
@@ -590,6 +603,19 @@ static kfac_status check_key(const kfac_job *job, int i, const source *src)
 }
 
 /* Constraints between keys, checked after every key passed its own. */
+static kfac_status check_data(const kfac_job *job, const source *src)
+{
+    char w[WHERE_CAP];
+    /* The channel count is the dataset's, so only emptiness is known here. */
+    if (job->data.num_mean < 1)
+        return KFAC_ERR(KFAC_EINVAL, "%s: needs one value, or one per channel",
+                        key_where(w, src, find_path("data.mean")));
+    if (job->data.num_std < 1)
+        return KFAC_ERR(KFAC_EINVAL, "%s: needs one value, or one per channel",
+                        key_where(w, src, find_path("data.std")));
+    return KFAC_OK;
+}
+
 static kfac_status check_schedule(const kfac_job *job, const source *src)
 {
     const float *m = job->schedule.milestones;
@@ -609,6 +635,7 @@ static kfac_status check_schedule(const kfac_job *job, const source *src)
 static kfac_status validate(const kfac_job *job, const source *src)
 {
     for (int i = 0; i < NKEYS; i++) KFAC_TRY(check_key(job, i, src));
+    KFAC_TRY(check_data(job, src));
     return check_schedule(job, src);
 }
 

@@ -12,11 +12,14 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "core/fsutil.h"
 #include "kfac/kfac_dataset.h"
 #include "kfac/kfac_gradsync.h"
+#include "kfac/kfac_loader.h"
 #include "kfac/kfac_optim.h"
 #include "kfac/kfac_precond.h"
 #include "kfac/kfac_resnet.h"
+#include "kfac/kfac_shards.h"
 #include "kfac/kfac_step.h"
 #include "kfac/kfac_train.h"
 
@@ -26,6 +29,7 @@ typedef struct trainer {
     kfac_dataset *train_set, *test_set;
     kfac_batcher *train_batches, *test_batches;
     kfac_batcher *bn_batches; /* precise BN: un-augmented training images */
+    kfac_loader *train_loader; /* this rank's micro-batches of train_batches, read ahead */
     kfac_model *model;
     kfac_sgd *sgd;
     kfac_precond *kfac;       /* NULL for plain SGD */
@@ -48,20 +52,6 @@ static double now_seconds(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static kfac_status make_dirs(const char *path)
-{
-    char buf[KFAC_JOB_STR];
-    snprintf(buf, sizeof buf, "%s", path);
-    for (char *p = buf + 1;; p++) {
-        if (*p != '/' && *p != '\0') continue;
-        char saved = *p;
-        *p = '\0';
-        if (mkdir(buf, 0775) != 0 && errno != EEXIST)
-            return KFAC_ERR(KFAC_EIO, "%s: cannot create directory: %s", buf, strerror(errno));
-        *p = saved;
-        if (saved == '\0') return KFAC_OK;
-    }
-}
 
 static kfac_status schedule_from_job(const kfac_job *job, kfac_lr_schedule *s)
 {
@@ -109,39 +99,80 @@ static void precond_config_from_job(const kfac_job *job, kfac_precond_config *c)
     c->reduce_at_inverse = strcmp(job->distributed.factor_reduce, "inverse") == 0;
 }
 
+/* The per-channel normalisation of the job: one value for every channel, or
+ * one per channel. */
+static kfac_status normalisation(const kfac_job *job, int channels, kfac_batcher_config *cfg)
+{
+    if (channels > 4)
+        return KFAC_ERR(KFAC_ENOTSUP, "%s: %d channels (at most 4)", job->data.path, channels);
+    if ((job->data.num_mean != 1 && job->data.num_mean != channels) ||
+        (job->data.num_std != 1 && job->data.num_std != channels))
+        return KFAC_ERR(KFAC_EINVAL, "data.mean/data.std: %d and %d values for %d-channel images "
+                        "(give one, or one per channel)", job->data.num_mean, job->data.num_std,
+                        channels);
+    for (int c = 0; c < channels; c++) {
+        cfg->mean[c] = job->data.mean[job->data.num_mean == 1 ? 0 : c];
+        cfg->std[c] = job->data.std[job->data.num_std == 1 ? 0 : c];
+    }
+    return KFAC_OK;
+}
+
+static kfac_status open_datasets(trainer *t)
+{
+    const kfac_job *job = t->job;
+    if (strcmp(job->data.format, "hdf5") == 0) {
+        KFAC_TRY(kfac_dataset_open_hdf5(job->data.path, "train", &t->train_set));
+        return kfac_dataset_open_hdf5(job->data.path, "val", &t->test_set);
+    }
+    KFAC_TRY(kfac_dataset_open_idx(job->data.path, KFAC_SPLIT_TRAIN, &t->train_set));
+    return kfac_dataset_open_idx(job->data.path, KFAC_SPLIT_TEST, &t->test_set);
+}
+
 static kfac_status open_data(trainer *t)
 {
     const kfac_job *job = t->job;
-    if (strcmp(job->data.format, "idx") != 0)
-        return KFAC_ERR(KFAC_ENOTSUP,
-                        "data.format '%s': training reads only idx files so far (the HDF5 loader "
-                        "is not built yet)", job->data.format);
-    KFAC_TRY(kfac_dataset_open_idx(job->data.path, KFAC_SPLIT_TRAIN, &t->train_set));
-    KFAC_TRY(kfac_dataset_open_idx(job->data.path, KFAC_SPLIT_TEST, &t->test_set));
+    KFAC_TRY(open_datasets(t));
+    if (t->train_set->channels != t->test_set->channels)
+        return KFAC_ERR(KFAC_EFORMAT, "%s: train images have %d channels, test images %d",
+                        job->data.path, t->train_set->channels, t->test_set->channels);
+    if (job->data.crop == 0 && (!t->train_set->fixed_size || !t->test_set->fixed_size))
+        return KFAC_ERR(KFAC_EINVAL, "%s: the images differ in size: set data.crop",
+                        job->data.path);
+    kfac_augment augment = KFAC_AUGMENT_NONE;
+    if (job->data.augment)
+        augment = strcmp(job->data.transform, "random_resized_crop") == 0
+                      ? KFAC_AUGMENT_RANDOM_RESIZED_CROP
+                      : KFAC_AUGMENT_PAD_CROP_FLIP;
+    int side = job->data.crop ? job->data.crop : t->train_set->height;
     kfac_batcher_config cfg = {
         .batch_size = job->train.batch_size,
-        .augment = job->data.augment ? KFAC_AUGMENT_PAD_CROP_FLIP : KFAC_AUGMENT_NONE,
+        .augment = augment,
+        .out_height = side,
+        .out_width = job->data.crop ? job->data.crop : t->train_set->width,
         .pad = job->data.pad,
+        .scale_min = job->data.scale_min,
         .seed = job->train.seed,
         .shuffle = 1,
         .drop_last = 1, /* equal-sized steps: BN statistics and the schedule stay clean */
-        .threads = t->be->threads,
+        .threads = job->data.loader_threads ? job->data.loader_threads : t->be->threads,
     };
-    for (int c = 0; c < 4; c++) {
-        cfg.mean[c] = job->data.mean;
-        cfg.std[c] = job->data.std;
-    }
+    KFAC_TRY(normalisation(job, t->train_set->channels, &cfg));
     KFAC_TRY(kfac_batcher_init(&t->train_batches, t->train_set, &cfg));
-    if (job->train.precise_bn_images > 0) {
-        kfac_batcher_config bn = cfg;
-        bn.augment = KFAC_AUGMENT_NONE;
-        bn.drop_last = 0;
-        KFAC_TRY(kfac_batcher_init(&t->bn_batches, t->train_set, &bn));
-    }
-    cfg.batch_size = job->train.eval_batch_size;
+    int local = job->train.batch_size / t->size;
+    kfac_loader_config lc = {
+        .first = t->rank * local,
+        .count = local,
+        .piece = t->micro_size,
+        .depth = job->data.prefetch,
+    };
+    KFAC_TRY(kfac_loader_init(&t->train_loader, t->train_batches, &lc));
+    /* Un-augmented images: center crops, after val_resize. */
     cfg.augment = KFAC_AUGMENT_NONE;
-    cfg.shuffle = 0;
+    cfg.resize = job->data.val_resize;
     cfg.drop_last = 0;
+    if (job->train.precise_bn_images > 0) KFAC_TRY(kfac_batcher_init(&t->bn_batches, t->train_set, &cfg));
+    cfg.batch_size = job->train.eval_batch_size;
+    cfg.shuffle = 0;
     return kfac_batcher_init(&t->test_batches, t->test_set, &cfg);
 }
 
@@ -150,15 +181,16 @@ static kfac_status build_model(trainer *t)
     const kfac_job *job = t->job;
     int max_batch = t->micro_size > job->train.eval_batch_size ? t->micro_size
                                                                  : job->train.eval_batch_size;
+    int height, width, channels;
+    kfac_batcher_sample_shape(t->train_batches, &height, &width, &channels);
     kfac_resnet_options opt = {
         .zero_init_residual = job->model.zero_init_residual,
         .num_classes = t->train_set->num_classes,
-        .image_size = t->train_set->height,
-        .in_channels = t->train_set->channels,
+        .image_size = height,
+        .in_channels = channels,
     };
-    if (t->train_set->height != t->train_set->width)
-        return KFAC_ERR(KFAC_ENOTSUP, "non-square images (%dx%d)", t->train_set->height,
-                        t->train_set->width);
+    if (height != width)
+        return KFAC_ERR(KFAC_ENOTSUP, "non-square images (%dx%d): set data.crop", height, width);
     KFAC_TRY(kfac_resnet_build(job->model.name, &opt, t->be, max_batch, job->train.seed,
                                &t->model));
     kfac_sgd_config sgd = {
@@ -181,12 +213,21 @@ static kfac_status build_model(trainer *t)
     };
     KFAC_TRY(kfac_step_gradsync(t->model, t->kfac, t->world, &gc, &t->sync));
     t->labels = malloc((size_t)max_batch * sizeof(int32_t));
-    size_t image = (size_t)t->train_set->height * t->train_set->width * t->train_set->channels;
+    size_t image = kfac_batcher_image_floats(t->train_batches);
     t->host_images = malloc((size_t)max_batch * image * sizeof(float));
     t->bn_saved = malloc((kfac_model_buffer_count(t->model) + 1) * sizeof(float));
     if (!t->labels || !t->host_images || !t->bn_saved)
         return KFAC_ERR(KFAC_ENOMEM, "trainer: out of memory");
     return KFAC_OK;
+}
+
+/* n images into the model's input. */
+static kfac_status upload_images(trainer *t, const float *images, int n)
+{
+    int h, w, c;
+    kfac_model_input_shape(t->model, &h, &w, &c);
+    return t->be->upload(t->be, kfac_model_input(t->model), images,
+                         (size_t)n * h * w * c * sizeof(float));
 }
 
 /* Loads images offset..offset+count-1 of batch `batch` into the model's
@@ -196,10 +237,7 @@ static kfac_status load_batch(trainer *t, kfac_batcher *b, size_t batch, int off
 {
     KFAC_TRY(kfac_batcher_read(b, batch, offset, count, t->host_images, t->labels, n));
     if (*n == 0) return KFAC_OK;
-    int h, w, c;
-    kfac_model_input_shape(t->model, &h, &w, &c);
-    return t->be->upload(t->be, kfac_model_input(t->model), t->host_images,
-                         (size_t)*n * h * w * c * sizeof(float));
+    return upload_images(t, t->host_images, *n);
 }
 
 /* BN running statistics are per rank (each sees its own micro-batches);
@@ -312,14 +350,15 @@ static kfac_status load_slice(void *user, int micro, int *n, const int32_t **lab
 {
     slice_loader *sl = user;
     trainer *t = sl->t;
-    int local = t->job->train.batch_size / t->size;
-    KFAC_TRY(load_batch(t, t->train_batches, sl->batch, t->rank * local + micro * t->micro_size,
-                        t->micro_size, n));
-    if (*n != t->micro_size)
-        return KFAC_ERR(KFAC_EINVAL, "trainer: batch %zu has %d images where %d were due",
-                        sl->batch, *n, t->micro_size);
-    *labels = t->labels;
-    return KFAC_OK;
+    kfac_loader_piece piece;
+    KFAC_TRY(kfac_loader_next(t->train_loader, &piece));
+    if (piece.n != t->micro_size || piece.batch != sl->batch || piece.index != micro)
+        return KFAC_ERR(KFAC_EINVAL, "trainer: batch %zu micro-batch %d: the loader gave %d "
+                        "images of batch %zu piece %d", sl->batch, micro, piece.n, piece.batch,
+                        piece.index);
+    *n = piece.n;
+    *labels = piece.labels;
+    return upload_images(t, piece.images, piece.n);
 }
 
 /* One optimizer step on global batch `batch`. */
@@ -366,7 +405,8 @@ static kfac_status train_epoch(trainer *t, int epoch, long *step, kfac_epoch_met
     double loss_sum = 0;
     long correct = 0, seen = 0;
     double t0 = now_seconds();
-    kfac_batcher_start_epoch(t->train_batches, epoch);
+    KFAC_TRY(kfac_loader_start(t->train_loader, (kfac_loader_cursor){epoch, 0}));
+    kfac_loader_take_wait(t->train_loader);
     for (int i = 0; i < steps; i++) {
         if (job->train.max_steps > 0 && *step >= job->train.max_steps) break;
         double pos = epoch + (double)i / steps, lr = kfac_lr_at(&t->schedule, pos);
@@ -380,6 +420,7 @@ static kfac_status train_epoch(trainer *t, int epoch, long *step, kfac_epoch_met
                             cb->user);
     }
     double train_seconds = now_seconds() - t0;
+    em->loader_wait_s = kfac_loader_take_wait(t->train_loader);
     em->steps_in_epoch = (int)(*step - em->step);
     KFAC_TRY(epoch_bytes(t, em));
     KFAC_TRY(sum_over_ranks(t, &loss_sum, &correct, &seen));
@@ -394,9 +435,10 @@ static void write_metrics(FILE *f, const kfac_epoch_metrics *m, int kfac, int ra
     fprintf(f,
             "{\"epoch\": %d, \"step\": %ld, \"lr\": %.6g, \"train_loss\": %.6f, "
             "\"train_acc\": %.6f, \"test_loss\": %.6f, \"test_acc\": %.6f, "
-            "\"images_per_s\": %.1f, \"epoch_seconds\": %.3f, \"seconds\": %.3f",
+            "\"images_per_s\": %.1f, \"loader_wait_s\": %.3f, \"epoch_seconds\": %.3f, "
+            "\"seconds\": %.3f",
             m->epoch, m->step, m->lr, m->train_loss, m->train_acc, m->test_loss, m->test_acc,
-            m->images_per_s, m->epoch_seconds, m->seconds);
+            m->images_per_s, m->loader_wait_s, m->epoch_seconds, m->seconds);
     if (m->test_acc_precise_bn >= 0)
         fprintf(f, ", \"test_loss_precise_bn\": %.6f, \"test_acc_precise_bn\": %.6f",
                 m->test_loss_precise_bn, m->test_acc_precise_bn);
@@ -457,7 +499,7 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
     KFAC_TRY(build_model(t));
     KFAC_TRY(broadcast_model(t));
     if (lead) {
-        KFAC_TRY(make_dirs(job->output.dir));
+        KFAC_TRY(kfac__make_dirs(job->output.dir));
         snprintf(path, sizeof path, "%s/job.yaml", job->output.dir);
         KFAC_TRY(kfac_job_write_yaml(job, path));
         snprintf(path, sizeof path, "%s/%s", job->output.dir, job->output.metrics);
@@ -538,6 +580,7 @@ kfac_status kfac_train_run(const kfac_job *job, kfac_comm *world, const kfac_tra
     kfac_gradsync_free(t.sync);
     kfac_precond_free(t.kfac);
     kfac_sgd_free(t.sgd);
+    kfac_loader_free(t.train_loader);
     kfac_batcher_free(t.bn_batches);
     kfac_model_free(t.model);
     kfac_batcher_free(t.train_batches);

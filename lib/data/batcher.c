@@ -6,10 +6,16 @@
  * (seed, epoch), and each sample's crop and flip from its own generator
  * seeded by (seed, epoch, position).  A batch is therefore the same whatever
  * the thread count or scheduling, and a resumed run can start at any epoch.
- * The images of a batch are decoded in parallel with OpenMP.
+ * The images of a batch are decoded in parallel with OpenMP, each thread
+ * with its own buffers (source image, crop, sample, resampling scratch),
+ * all allocated at init.  Crops and resizes follow torchvision's PIL path
+ * (crop, then Pillow's antialiased bilinear resize, resize.h), so samples
+ * match what a PyTorch pipeline would feed the same model.
  */
 #include "kfac/kfac_dataset.h"
 #include "kfac/kfac_rng.h"
+
+#include "data/resize.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -19,9 +25,15 @@
 #include <omp.h>
 #endif
 
+#define DEFAULT_SCALE_MIN 0.08f
+#define DEFAULT_RATIO_MIN (3.0f / 4.0f)
+#define DEFAULT_RATIO_MAX (4.0f / 3.0f)
+
 enum {
     MAX_CHANNELS = 4,     /* size of the config's mean/std arrays */
     MAX_PAD = 4096,       /* keeps 2 * pad + 1 and the offsets far from overflow */
+    MAX_SIDE = 1 << 15,   /* output and resize sides */
+    RRC_TRIES = 10,       /* torchvision's attempts before the central fallback */
     /* Tags that keep an epoch's permutation and augmentation streams apart. */
     STREAM_PERMUTATION = 1,
     STREAM_AUGMENT = 2
@@ -40,12 +52,16 @@ struct kfac_batcher {
     const kfac_dataset *ds;
     kfac_batcher_config cfg;
     int threads;
-    size_t image_size;    /* height * width * channels */
+    size_t source_size;   /* bytes of the largest stored image */
+    size_t image_size;    /* out_height * out_width * channels: one sample */
     size_t batches;       /* per epoch */
     size_t next_batch;    /* index in the epoch of the batch next() returns */
     size_t *perm;         /* this epoch's order of the ds->count images */
     uint64_t augment_key; /* this epoch's seed of the per-sample generators */
-    uint8_t *raw;         /* one uint8 image per thread */
+    uint8_t *raw;         /* one stored image per thread */
+    uint8_t *crop;        /* one random-resized crop box per thread */
+    uint8_t *sample;      /* one uint8 sample per thread */
+    kfac__resize_work *resize; /* resampling scratch per thread */
     float lut[MAX_CHANNELS][256]; /* normalised value of each pixel value */
     batch_failure failure;
 };
@@ -60,10 +76,37 @@ static kfac_status check_config(const kfac_dataset *ds, const kfac_batcher_confi
     if (ds->height < 1 || ds->width < 1 || ds->channels < 1 || ds->channels > MAX_CHANNELS)
         return KFAC_ERR(KFAC_EINVAL, "unsupported image shape %dx%dx%d (1 to %d channels)",
                         ds->height, ds->width, ds->channels, MAX_CHANNELS);
-    if (cfg->augment != KFAC_AUGMENT_NONE && cfg->augment != KFAC_AUGMENT_PAD_CROP_FLIP)
+    if (cfg->augment != KFAC_AUGMENT_NONE && cfg->augment != KFAC_AUGMENT_PAD_CROP_FLIP &&
+        cfg->augment != KFAC_AUGMENT_RANDOM_RESIZED_CROP)
         return KFAC_ERR(KFAC_EINVAL, "unknown augmentation %d", (int)cfg->augment);
-    if (cfg->augment == KFAC_AUGMENT_PAD_CROP_FLIP && (cfg->pad < 0 || cfg->pad > MAX_PAD))
-        return KFAC_ERR(KFAC_EINVAL, "pad %d outside [0, %d]", cfg->pad, MAX_PAD);
+    int out_height = cfg->out_height ? cfg->out_height : ds->height;
+    int out_width = cfg->out_width ? cfg->out_width : ds->width;
+    if (!ds->fixed_size && (!cfg->out_height || !cfg->out_width))
+        return KFAC_ERR(KFAC_EINVAL, "the images differ in size: the batcher needs an output "
+                        "size (crop)");
+    if (out_height < 1 || out_width < 1 || out_height > MAX_SIDE || out_width > MAX_SIDE)
+        return KFAC_ERR(KFAC_EINVAL, "output size %dx%d outside [1, %d]", out_height, out_width,
+                        MAX_SIDE);
+    if (cfg->resize < 0 || cfg->resize > MAX_SIDE)
+        return KFAC_ERR(KFAC_EINVAL, "resize %d outside [0, %d]", cfg->resize, MAX_SIDE);
+    if (cfg->augment == KFAC_AUGMENT_PAD_CROP_FLIP) {
+        if (cfg->pad < 0 || cfg->pad > MAX_PAD)
+            return KFAC_ERR(KFAC_EINVAL, "pad %d outside [0, %d]", cfg->pad, MAX_PAD);
+        if (!ds->fixed_size || out_height != ds->height || out_width != ds->width)
+            return KFAC_ERR(KFAC_EINVAL, "pad-crop keeps the image size: it needs images all "
+                            "of the output size %dx%d", out_height, out_width);
+    }
+    if (cfg->augment == KFAC_AUGMENT_RANDOM_RESIZED_CROP) {
+        float scale_min = cfg->scale_min ? cfg->scale_min : DEFAULT_SCALE_MIN;
+        float ratio_min = cfg->ratio_min ? cfg->ratio_min : DEFAULT_RATIO_MIN;
+        float ratio_max = cfg->ratio_max ? cfg->ratio_max : DEFAULT_RATIO_MAX;
+        if (!(scale_min > 0 && scale_min <= 1))
+            return KFAC_ERR(KFAC_EINVAL, "random-resized crop: scale_min %g outside (0, 1]",
+                            scale_min);
+        if (!(ratio_min > 0 && ratio_min <= ratio_max && isfinite(ratio_max)))
+            return KFAC_ERR(KFAC_EINVAL, "random-resized crop: ratio range [%g, %g] is empty",
+                            ratio_min, ratio_max);
+    }
     for (int c = 0; c < ds->channels; c++)
         if (!isfinite(cfg->mean[c]) || !(cfg->std[c] > 0) || !isfinite(cfg->std[c]))
             return KFAC_ERR(KFAC_EINVAL, "channel %d: normalisation needs a finite mean and "
@@ -89,12 +132,30 @@ kfac_status kfac_batcher_init(kfac_batcher **out, const kfac_dataset *ds,
     b->ds = ds;
     b->cfg = *cfg;
     b->threads = cfg->threads > 0 ? cfg->threads : 1;
-    b->image_size = (size_t)ds->height * (size_t)ds->width * (size_t)ds->channels;
+    if (!b->cfg.out_height) b->cfg.out_height = ds->height;
+    if (!b->cfg.out_width) b->cfg.out_width = ds->width;
+    if (!b->cfg.scale_min) b->cfg.scale_min = DEFAULT_SCALE_MIN;
+    if (!b->cfg.ratio_min) b->cfg.ratio_min = DEFAULT_RATIO_MIN;
+    if (!b->cfg.ratio_max) b->cfg.ratio_max = DEFAULT_RATIO_MAX;
+    int oh = b->cfg.out_height, ow = b->cfg.out_width;
+    b->source_size = (size_t)ds->height * (size_t)ds->width * (size_t)ds->channels;
+    b->image_size = (size_t)oh * (size_t)ow * (size_t)ds->channels;
     size_t batch = (size_t)cfg->batch_size;
     b->batches = cfg->drop_last ? ds->count / batch : (ds->count + batch - 1) / batch;
     b->perm = malloc(ds->count * sizeof *b->perm);
-    b->raw = malloc((size_t)b->threads * b->image_size);
-    if (!b->perm || !b->raw) {
+    b->raw = malloc((size_t)b->threads * b->source_size);
+    b->crop = malloc((size_t)b->threads * b->source_size);
+    b->sample = malloc((size_t)b->threads * b->image_size);
+    b->resize = calloc((size_t)b->threads, sizeof *b->resize);
+    /* The largest reduction: a crop of the whole largest image, or its
+     * shorter side scaled down to `resize`. */
+    double max_scale = fmax((double)ds->height / oh, (double)ds->width / ow) + 1;
+    if (cfg->resize) max_scale = fmax(max_scale, fmax(ds->height, ds->width) / cfg->resize + 1);
+    int reserved = b->resize != NULL;
+    for (int i = 0; reserved && i < b->threads; i++)
+        reserved = kfac__resize_reserve(&b->resize[i], ds->height, ds->channels, oh, ow,
+                                        max_scale) == KFAC_OK;
+    if (!b->perm || !b->raw || !b->crop || !b->sample || !reserved) {
         kfac_batcher_free(b);
         return KFAC_ERR(KFAC_ENOMEM, "cannot allocate the batcher buffers (%zu images)",
                         ds->count);
@@ -110,10 +171,26 @@ void kfac_batcher_free(kfac_batcher *b)
     if (!b) return;
     free(b->perm);
     free(b->raw);
+    free(b->crop);
+    free(b->sample);
+    if (b->resize)
+        for (int i = 0; i < b->threads; i++) kfac__resize_work_free(&b->resize[i]);
+    free(b->resize);
     free(b);
 }
 
 size_t kfac_batcher_batches_per_epoch(const kfac_batcher *b) { return b->batches; }
+
+int kfac_batcher_batch_size(const kfac_batcher *b) { return b->cfg.batch_size; }
+
+size_t kfac_batcher_image_floats(const kfac_batcher *b) { return b->image_size; }
+
+void kfac_batcher_sample_shape(const kfac_batcher *b, int *height, int *width, int *channels)
+{
+    *height = b->cfg.out_height;
+    *width = b->cfg.out_width;
+    *channels = b->ds->channels;
+}
 
 /* Fisher-Yates: position i-1 takes a uniform pick among the first i. */
 static void shuffle(size_t *perm, size_t n, uint64_t seed)
@@ -137,10 +214,85 @@ void kfac_batcher_start_epoch(kfac_batcher *b, int epoch)
     b->next_batch = 0;
 }
 
-static void normalise(const kfac_batcher *b, const uint8_t *src, float *out)
+/* A sample-sized uint8 image into floats, mirrored when `flip`. */
+static void normalise(const kfac_batcher *b, const uint8_t *src, int flip, float *out)
 {
-    int channels = b->ds->channels;
-    for (size_t i = 0; i < b->image_size; i++) out[i] = b->lut[i % channels][src[i]];
+    int channels = b->ds->channels, width = b->cfg.out_width;
+    if (!flip) {
+        for (size_t i = 0; i < b->image_size; i++) out[i] = b->lut[i % channels][src[i]];
+        return;
+    }
+    for (int y = 0; y < b->cfg.out_height; y++)
+        for (int x = 0; x < width; x++) {
+            const uint8_t *s = src + ((size_t)y * width + (width - 1 - x)) * channels;
+            float *o = out + ((size_t)y * width + x) * channels;
+            for (int c = 0; c < channels; c++) o[c] = b->lut[c][s[c]];
+        }
+}
+
+/* A crop of an image: rows [y, y + h), columns [x, x + w). */
+typedef struct crop_box {
+    int x, y, w, h;
+} crop_box;
+
+/* torchvision's RandomResizedCrop.get_params: the crop box of an image of
+ * height x width. */
+static crop_box random_resized_box(const kfac_batcher *b, kfac_rng *rng, int height, int width)
+{
+    double area = (double)height * width;
+    double log_lo = log(b->cfg.ratio_min), log_hi = log(b->cfg.ratio_max);
+    for (int attempt = 0; attempt < RRC_TRIES; attempt++) {
+        double target = area * (b->cfg.scale_min + (1 - b->cfg.scale_min) * kfac_rng_uniform(rng));
+        double ratio = exp(log_lo + (log_hi - log_lo) * kfac_rng_uniform(rng));
+        int w = (int)lround(sqrt(target * ratio)), h = (int)lround(sqrt(target / ratio));
+        if (w > 0 && w <= width && h > 0 && h <= height) {
+            int y = (int)kfac_rng_below(rng, (uint64_t)(height - h) + 1);
+            int x = (int)kfac_rng_below(rng, (uint64_t)(width - w) + 1);
+            return (crop_box){x, y, w, h};
+        }
+    }
+    double in_ratio = (double)width / height;
+    int w = width, h = height;
+    if (in_ratio < b->cfg.ratio_min)
+        h = (int)lround(w / b->cfg.ratio_min);
+    else if (in_ratio > b->cfg.ratio_max)
+        w = (int)lround(h * b->cfg.ratio_max);
+    return (crop_box){(width - w) / 2, (height - h) / 2, w, h};
+}
+
+/* Copies a box of src (width x channels per row) to dst, tightly packed. */
+static void copy_box(const uint8_t *src, int width, int channels, crop_box box, uint8_t *dst)
+{
+    size_t row = (size_t)box.w * channels;
+    for (int y = 0; y < box.h; y++)
+        memcpy(dst + (size_t)y * row,
+               src + ((size_t)(box.y + y) * width + (size_t)box.x) * channels, row);
+}
+
+/* torchvision's Resize(resize) then CenterCrop: the shorter side scaled to
+ * cfg.resize (or, without it, up to the output size when the image is
+ * smaller), then the central out_height x out_width window. */
+static kfac_status center_crop(kfac_batcher *b, const uint8_t *src, int height, int width,
+                               kfac__resize_work *work, uint8_t *dst)
+{
+    int oh = b->cfg.out_height, ow = b->cfg.out_width, channels = b->ds->channels;
+    int side = b->cfg.resize;
+    if (!side && (height < oh || width < ow)) {
+        int shorter = height < width ? height : width;
+        side = (int)ceil(shorter * fmax((double)oh / height, (double)ow / width));
+    }
+    int rh = height, rw = width;
+    for (; side; side++) { /* the long side is rounded down: never below the crop */
+        kfac__resize_shape(height, width, side, &rh, &rw);
+        if (rh >= oh && rw >= ow) break;
+    }
+    int top = (int)lround((rh - oh) / 2.0), left = (int)lround((rw - ow) / 2.0);
+    if (rh == height && rw == width) {
+        copy_box(src, width, channels, (crop_box){left, top, ow, oh}, dst);
+        return KFAC_OK;
+    }
+    /* the scratch was reserved at init: this does not allocate */
+    return kfac__resize(src, height, width, channels, rh, rw, top, left, oh, ow, dst, work);
 }
 
 /* Zero-pads by `pad`, crops a random HxW window back and flips it
@@ -149,7 +301,7 @@ static void normalise(const kfac_batcher *b, const uint8_t *src, float *out)
  * before normalisation, as with pad-then-normalise. */
 static void pad_crop_flip(const kfac_batcher *b, const uint8_t *src, float *out, size_t position)
 {
-    int height = b->ds->height, width = b->ds->width, channels = b->ds->channels;
+    int height = b->cfg.out_height, width = b->cfg.out_width, channels = b->ds->channels;
     int pad = b->cfg.pad;
     kfac_rng rng;
     kfac_rng_seed(&rng, kfac_mix64(b->augment_key, position));
@@ -194,16 +346,47 @@ static int thread_index(void)
 /* Produces the sample at `position` of the epoch into out / label. */
 static void make_sample(kfac_batcher *b, size_t position, float *out, int32_t *label)
 {
-    uint8_t *raw = b->raw + (size_t)thread_index() * b->image_size;
-    kfac_status status = b->ds->read_image(b->ds, b->perm[position], raw, label);
+    int thread = thread_index();
+    uint8_t *raw = b->raw + (size_t)thread * b->source_size;
+    uint8_t *sample = b->sample + (size_t)thread * b->image_size;
+    kfac__resize_work *work = &b->resize[thread];
+    int height, width, channels = b->ds->channels;
+    int oh = b->cfg.out_height, ow = b->cfg.out_width;
+    kfac_status status = b->ds->read_image(b->ds, b->perm[position], raw, &height, &width, label);
     if (status != KFAC_OK) {
         record_failure(b, position, status);
         return;
     }
-    if (b->cfg.augment == KFAC_AUGMENT_PAD_CROP_FLIP)
+    if (b->cfg.augment == KFAC_AUGMENT_PAD_CROP_FLIP) {
         pad_crop_flip(b, raw, out, position);
-    else
-        normalise(b, raw, out);
+        return;
+    }
+    if (b->cfg.augment == KFAC_AUGMENT_NONE) {
+        if (height == oh && width == ow && !b->cfg.resize) {
+            normalise(b, raw, 0, out);
+            return;
+        }
+        status = center_crop(b, raw, height, width, work, sample);
+        if (status != KFAC_OK) {
+            record_failure(b, position, status);
+            return;
+        }
+        normalise(b, sample, 0, out);
+        return;
+    }
+    /* torchvision's PIL path: crop the box, resize it, then flip. */
+    kfac_rng rng;
+    kfac_rng_seed(&rng, kfac_mix64(b->augment_key, position));
+    crop_box box = random_resized_box(b, &rng, height, width);
+    int flip = (int)(kfac_rng_next_u64(&rng) >> 63);
+    uint8_t *crop = b->crop + (size_t)thread * b->source_size;
+    copy_box(raw, width, channels, box, crop);
+    status = kfac__resize(crop, box.h, box.w, channels, oh, ow, 0, 0, oh, ow, sample, work);
+    if (status != KFAC_OK) {
+        record_failure(b, position, status);
+        return;
+    }
+    normalise(b, sample, flip, out);
 }
 
 /* Positions [first, first + count) of the epoch's order into the buffers. */

@@ -40,7 +40,7 @@ static uint32_t read_be32(const uint8_t *p)
 /* ---- the kfac_dataset table ---- */
 
 static kfac_status idx_read_image(const kfac_dataset *ds, size_t index, uint8_t *hwc,
-                                  int32_t *label)
+                                  int *image_height, int *image_width, int32_t *label)
 {
     const idx_dataset *idx = ds->impl;
     if (index >= ds->count)
@@ -48,6 +48,8 @@ static kfac_status idx_read_image(const kfac_dataset *ds, size_t index, uint8_t 
                         ds->count);
     size_t bytes = (size_t)ds->height * (size_t)ds->width * (size_t)ds->channels;
     memcpy(hwc, idx->pixels + index * bytes, bytes);
+    *image_height = ds->height;
+    *image_width = ds->width;
     *label = idx->labels[index];
     return KFAC_OK;
 }
@@ -135,6 +137,7 @@ static kfac_status read_images(gzFile f, const char *path, idx_dataset *idx)
     idx->base.height = (int)rows;
     idx->base.width = (int)cols;
     idx->base.channels = 1;
+    idx->base.fixed_size = 1;
     return KFAC_OK;
 }
 

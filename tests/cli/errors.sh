@@ -23,7 +23,7 @@ printf 'x' | gzip >"$tmp/train-images-idx3-ubyte.gz"
 cp "$fmnist/train-labels-idx1-ubyte.gz" "$tmp/"
 expect_error "corrupt data file" "train-images-idx3-ubyte.gz: " \
   train "$tmp/ok.yaml" --set data.path="$tmp" --set output.dir="$tmp/run"
-expect_error "ImageNet job before the HDF5 loader" "data.format 'hdf5': training reads only idx" \
+expect_error "ImageNet job without its dataset" "staging: /datasets/imagenet-hdf5: No such file" \
   train "$src/jobs/resnet50_1024gpu.yaml" --set output.dir="$tmp/imagenet"
 check "a job that cannot run leaves no output" test ! -e "$tmp/imagenet"
 summary

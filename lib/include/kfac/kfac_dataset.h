@@ -2,8 +2,10 @@
  * the batcher that turns a dataset into normalised float batches.
  *
  * A dataset is a random-access collection of uint8 HWC images with integer
- * labels.  Sources: Fashion-MNIST/MNIST IDX files now (kfac_dataset_open_idx);
- * the HDF5 shards made by `kfac prep` implement the same table later.
+ * labels.  Sources: Fashion-MNIST/MNIST IDX files (kfac_dataset_open_idx)
+ * and the HDF5 shards made by `kfac prep` (kfac_dataset_open_hdf5, in
+ * kfac_shards.h).  Images of one dataset may differ in size (shards that
+ * keep the aspect ratio); the batcher crops or resizes them to one size.
  *
  * Lifecycle: open -> read_image any number of times (thread-safe) -> free.
  */
@@ -23,13 +25,15 @@ typedef struct kfac_dataset kfac_dataset;
 
 struct kfac_dataset {
     size_t count;     /* number of images */
-    int height, width, channels;
+    int height, width, channels; /* every image's size if fixed_size, else the largest */
+    int fixed_size;   /* nonzero: all images are height x width */
     int num_classes;
-    /* Copies image `index` (< count) as uint8 HWC into `hwc` (height*width*
-     * channels bytes) and its label into *label.  Must be safe to call from
-     * several threads at once. */
+    /* Copies image `index` (< count) as uint8 HWC into `hwc` (room for
+     * height*width*channels bytes of the dataset), its size into
+     * *image_height, *image_width and its label into *label.  Must be safe
+     * to call from several threads at once. */
     kfac_status (*read_image)(const kfac_dataset *ds, size_t index, uint8_t *hwc,
-                              int32_t *label);
+                              int *image_height, int *image_width, int32_t *label);
     void (*destroy)(kfac_dataset *ds);
     void *impl; /* source-specific state */
 };
@@ -50,16 +54,29 @@ kfac_status kfac_dataset_open_idx(const char *dir, kfac_split split, kfac_datase
 /* Frees a dataset from any source (NULL is allowed). */
 void kfac_dataset_free(kfac_dataset *ds);
 
-/* Augmentation applied by the batcher. */
+/* How the batcher turns a stored image into a training or test sample. */
 typedef enum kfac_augment {
+    /* Center crop to the output size; with `resize`, the shorter side is
+     * first scaled to `resize` (validation: resize 256, output 224).  A
+     * fixed-size dataset at the output size passes through unchanged. */
     KFAC_AUGMENT_NONE = 0,
-    KFAC_AUGMENT_PAD_CROP_FLIP = 1 /* zero-pad by `pad`, random crop back, random h-flip */
+    /* Zero-pad by `pad`, random crop back, random h-flip (Fashion-MNIST). */
+    KFAC_AUGMENT_PAD_CROP_FLIP = 1,
+    /* ImageNet's random-resized crop: a box of area fraction U(scale_min, 1)
+     * and log-uniform aspect ratio in [ratio_min, ratio_max] (10 tries, then
+     * the central crop clamped to those ratios, as torchvision), resampled
+     * to the output size with an antialiasing filter, then a random h-flip. */
+    KFAC_AUGMENT_RANDOM_RESIZED_CROP = 2
 } kfac_augment;
 
 typedef struct kfac_batcher_config {
     int batch_size;       /* images per batch */
     kfac_augment augment;
+    int out_height, out_width; /* sample size; 0: the dataset's (fixed-size datasets) */
     int pad;              /* padding for PAD_CROP_FLIP (Fashion-MNIST: 2) */
+    int resize;           /* NONE: shorter side scaled to this first; 0: no scaling */
+    float scale_min;      /* RANDOM_RESIZED_CROP: smallest area fraction (0: 0.08) */
+    float ratio_min, ratio_max; /* its aspect-ratio range (0: 3/4 and 4/3) */
     float mean[4], std[4];/* per-channel normalisation: (x/255 - mean) / std */
     uint64_t seed;        /* permutation and augmentation seed */
     int shuffle;          /* nonzero: new permutation each epoch from (seed, epoch) */
@@ -73,13 +90,21 @@ typedef struct kfac_batcher kfac_batcher;
  * buffers are allocated here; kfac_batcher_next never allocates.  Epoch 0 is
  * started, so kfac_batcher_next can be called at once.  KFAC_EINVAL for a
  * bad configuration (batch_size < 1, std <= 0, pad out of range, drop_last
- * with fewer images than one batch, more than 4 channels). */
+ * with fewer images than one batch, more than 4 channels, no output size
+ * for a dataset of varying sizes, PAD_CROP_FLIP to another size). */
 kfac_status kfac_batcher_init(kfac_batcher **out, const kfac_dataset *ds,
                               const kfac_batcher_config *cfg);
 void kfac_batcher_free(kfac_batcher *b);
 
 /* Number of batches in one epoch. */
 size_t kfac_batcher_batches_per_epoch(const kfac_batcher *b);
+
+/* Images per batch, and floats per sample (out_height*out_width*channels). */
+int kfac_batcher_batch_size(const kfac_batcher *b);
+size_t kfac_batcher_image_floats(const kfac_batcher *b);
+
+/* The sample size (the model's input). */
+void kfac_batcher_sample_shape(const kfac_batcher *b, int *height, int *width, int *channels);
 
 /* Starts epoch `epoch` (0-based): fixes its permutation. */
 void kfac_batcher_start_epoch(kfac_batcher *b, int epoch);

@@ -32,11 +32,22 @@ typedef struct kfac_job {
         int zero_init_residual;     /* zero the last BN gamma of each block */
     } model;
     struct {
-        char format[KFAC_JOB_STR];  /* idx (HDF5 later) */
+        char format[KFAC_JOB_STR];  /* idx | hdf5 (shards made by kfac prep) */
         char path[KFAC_JOB_STR];    /* folder of the dataset files */
         int augment;                /* training augmentation on/off */
+        char transform[KFAC_JOB_STR]; /* pad_crop | random_resized_crop */
         int pad;                    /* pad-crop padding in pixels */
-        float mean, std;            /* normalisation (single channel for now) */
+        float scale_min;            /* random-resized crop: smallest area fraction */
+        int crop;                   /* sample size (square); 0: the stored size */
+        int val_resize;             /* evaluation: shorter side scaled to this first; 0: none */
+        float mean[KFAC_JOB_MAX_MILESTONES]; /* per channel, or one value for all */
+        int num_mean;
+        float std[KFAC_JOB_MAX_MILESTONES];
+        int num_std;
+        int loader_threads;         /* threads decoding a batch; 0: train.threads */
+        int prefetch;               /* micro-batches prepared ahead on a loader thread; 0: none */
+        char stage[KFAC_JOB_STR];   /* none | copy | broadcast: to node-local storage first */
+        char local_dir[KFAC_JOB_STR]; /* staging folder; "": $SLURM_TMPDIR, $TMPDIR, /tmp */
     } data;
     struct {
         char name[KFAC_JOB_STR];    /* sgd | kfac (K-FAC preconditioning, then this SGD) */

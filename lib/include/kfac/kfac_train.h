@@ -37,6 +37,7 @@ typedef struct kfac_epoch_metrics {
     double test_loss, test_acc;
     double test_loss_precise_bn, test_acc_precise_bn; /* -1 unless train.precise_bn_images */
     double images_per_s;     /* training images / training seconds of this epoch */
+    double loader_wait_s;    /* of those seconds, rank 0's wait for its input (loader-bound) */
     double epoch_seconds;    /* training + evaluation of this epoch */
     double seconds;          /* since the start of the run */
     /* K-FAC only: seconds spent so far in its stages (cumulative) */
