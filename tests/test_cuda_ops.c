@@ -9,6 +9,10 @@
  *                  float coefficients (dx cancels between its terms);
  *   TOL_XENT 1e-4  softmax cross-entropy gradient and summed loss (double
  *                  log-sum-exp in another order); hit counts must be equal.
+ *   TOL_CONV 1e-4  convolutions (cuDNN vs im2col + sgemm): fp32 sums of up
+ *                  to a few hundred products in another order, ~1e-6
+ *                  expected; TF32 inputs (rounded to 2^-11) would normally
+ *                  exceed it, so it also guards TF32 being off by default.
  *   bf16 conversion must be bit-exact round-to-nearest-even; fp16 within
  *   half an ulp (2^-11 relative) for normal values.
  *
@@ -19,12 +23,14 @@
 #include "kfac/kfac_backend.h"
 #include "testutil.h"
 #ifdef KFAC_HAVE_CUDA
+#include "cuda/conv_cudnn.h"
 #include "cuda/cuda_backend.h"
 #endif
 
 #define TOL_ELT 1e-5
 #define TOL_BN 1e-4
 #define TOL_XENT 1e-4
+#define TOL_CONV 1e-4
 #define ERR_FLOOR 1e-6
 
 static unsigned long long seed = 7;
@@ -312,17 +318,116 @@ static void test_xent(int n, int classes, float smoothing, int with_grad)
     free(labels);
 }
 
-/* ---- what the CUDA backend does not do yet ---- */
+/* ---- convolution (cuDNN) ---- */
 
-static void test_conv_not_supported(void)
-{
+/* One geometry's host inputs (x, w, bias, dy), the CPU's workspace and the
+ * device copies; the GPU workspace is sized by conv_workspace for the full
+ * batch and reused for a partial one, as the model does. */
+typedef struct conv_case {
     kfac_conv_desc d;
-    kfac_conv_desc_init(&d, 1, 4, 4, 3, 8, 3, 3, 1, 1);
-    CHECK(gpu->conv_workspace(gpu, &d) == 0, "conv workspace");
-    kfac_status st = gpu->conv_forward(gpu, &d, NULL, NULL, NULL, NULL, NULL);
-    CHECK(st == KFAC_ENOTSUP, "conv_forward -> %d", st);
-    st = gpu->conv_backward(gpu, &d, NULL, NULL, NULL, NULL, 0, NULL, NULL, NULL);
-    CHECK(st == KFAC_ENOTSUP, "conv_backward -> %d", st);
+    size_t nx, ny, nw;
+    float *x, *w, *bias, *dy, *d_x, *d_w, *d_bias, *d_dy;
+    void *cpu_ws, *gpu_ws;
+} conv_case;
+
+static void conv_check_forward(const conv_case *t, const kfac_conv_desc *d, const char *tag)
+{
+    char what[96];
+    size_t ny = (size_t)d->n * d->ho * d->wo * d->k;
+    float *y = malloc(ny * sizeof *y), *d_y = dev(NULL, ny);
+    for (int with_bias = 0; with_bias <= 1; with_bias++) {
+        const float *b = with_bias ? t->bias : NULL, *d_b = with_bias ? t->d_bias : NULL;
+        REQUIRE_OK(cpu->conv_forward(cpu, d, t->x, t->w, b, y, t->cpu_ws));
+        REQUIRE_OK(gpu->conv_forward(gpu, d, t->d_x, t->d_w, d_b, d_y, t->gpu_ws));
+        snprintf(what, sizeof what, "conv fwd %s%s", tag, with_bias ? " +bias" : "");
+        compare(what, d_y, y, ny, TOL_CONV); /* TOL_CONV */
+    }
+    free(y);
+}
+
+/* dx (overwrite, then accumulate onto random values), dw and db; dw and db
+ * start as garbage on the GPU to check they are overwritten. */
+static void conv_check_backward(const conv_case *t, const kfac_conv_desc *d, const char *tag)
+{
+    char what[96];
+    size_t nx = (size_t)d->n * d->h * d->w * d->c, k = (size_t)d->k;
+    float *dw = malloc(t->nw * sizeof *dw), *db = malloc(k * sizeof *db);
+    float *junk_w = rnd(t->nw, 100.0, 0.0), *junk_b = rnd(k, 100.0, 0.0);
+    float *d_dw = dev(junk_w, t->nw), *d_db = dev(junk_b, k);
+    for (int acc = 0; acc <= 1; acc++) {
+        float *dx = rnd(nx, 1.0, 0.0), *d_dx = dev(dx, nx);
+        REQUIRE_OK(cpu->conv_backward(cpu, d, t->x, t->w, t->dy, dx, acc, dw, db, t->cpu_ws));
+        REQUIRE_OK(gpu->conv_backward(gpu, d, t->d_x, t->d_w, t->d_dy, d_dx, acc, d_dw, d_db,
+                                       t->gpu_ws));
+        snprintf(what, sizeof what, "conv bwd %s dx%s", tag, acc ? " (acc)" : "");
+        compare(what, d_dx, dx, nx, TOL_CONV); /* TOL_CONV */
+        snprintf(what, sizeof what, "conv bwd %s dw", tag);
+        compare(what, d_dw, dw, t->nw, TOL_CONV); /* TOL_CONV */
+        snprintf(what, sizeof what, "conv bwd %s db", tag);
+        compare(what, d_db, db, k, TOL_CONV); /* TOL_CONV */
+        REQUIRE_OK(gpu->upload(gpu, d_dw, junk_w, t->nw * sizeof *junk_w));
+        REQUIRE_OK(gpu->upload(gpu, d_db, junk_b, k * sizeof *junk_b));
+        free(dx);
+    }
+    /* Weight gradient alone: no dx, no db. */
+    REQUIRE_OK(cpu->conv_backward(cpu, d, t->x, t->w, t->dy, NULL, 0, dw, NULL, t->cpu_ws));
+    REQUIRE_OK(gpu->conv_backward(gpu, d, t->d_x, t->d_w, t->d_dy, NULL, 0, d_dw, NULL,
+                                  t->gpu_ws));
+    snprintf(what, sizeof what, "conv bwd %s dw only", tag);
+    compare(what, d_dw, dw, t->nw, TOL_CONV); /* TOL_CONV */
+    free(dw); free(db); free(junk_w); free(junk_b);
+}
+
+static void test_conv(int n, int h, int w, int c, int k, int kh, int stride, int pad)
+{
+    conv_case t;
+    char tag[64], algos[160];
+    kfac_conv_desc_init(&t.d, n, h, w, c, k, kh, kh, stride, pad);
+    const kfac_conv_desc *d = &t.d;
+    t.nx = (size_t)n * h * w * c;
+    t.ny = (size_t)n * d->ho * d->wo * k;
+    t.nw = (size_t)k * kh * kh * c;
+    /* Weights ~ 1/sqrt(fan-in), as initialised, so outputs stay O(1). */
+    t.x = rnd(t.nx, 1.0, 0.0);
+    t.w = rnd(t.nw, 1.0 / sqrt((double)kh * kh * c), 0.0);
+    t.bias = rnd((size_t)k, 1.0, 0.0);
+    t.dy = rnd(t.ny, 1.0, 0.0);
+    t.d_x = dev(t.x, t.nx); t.d_w = dev(t.w, t.nw);
+    t.d_bias = dev(t.bias, (size_t)k); t.d_dy = dev(t.dy, t.ny);
+    t.cpu_ws = malloc(cpu->conv_workspace(cpu, d) + 1);
+    size_t ws = gpu->conv_workspace(gpu, d);
+    t.gpu_ws = dev_bytes(NULL, ws);
+#ifdef KFAC_HAVE_CUDA
+    REQUIRE_OK(kfac__cudnn_conv_describe(kfac__cuda(gpu), d, algos, sizeof algos));
+#else
+    snprintf(algos, sizeof algos, "-");
+#endif
+    snprintf(tag, sizeof tag, "n%d %dx%dx%d k%d %dx%d s%d p%d", n, h, w, c, k, kh, kh, stride,
+             pad);
+    printf("  conv %s: %s\n", tag, algos);
+
+    conv_check_forward(&t, d, tag);
+    conv_check_backward(&t, d, tag);
+    if (n > 1) { /* a partial batch in the full batch's workspace */
+        kfac_conv_desc part = *d;
+        part.n = n / 2;
+        snprintf(tag, sizeof tag, "n%d/%d %dx%dx%d k%d %dx%d s%d p%d", part.n, n, h, w, c, k, kh,
+                 kh, stride, pad);
+        conv_check_forward(&t, &part, tag);
+        conv_check_backward(&t, &part, tag);
+    }
+    free(t.x); free(t.w); free(t.bias); free(t.dy); free(t.cpu_ws);
+}
+
+static void test_convs(void)
+{
+    test_conv(2, 8, 8, 16, 32, 3, 1, 1);  /* 3x3 stride 1: the bottleneck middle */
+    test_conv(2, 9, 9, 16, 24, 3, 2, 1);  /* 3x3 stride 2, odd size: downsampling */
+    test_conv(3, 7, 7, 32, 64, 1, 1, 0);  /* 1x1 expand/reduce */
+    test_conv(2, 8, 8, 32, 16, 1, 2, 0);  /* 1x1 stride 2: projection shortcut */
+    test_conv(2, 32, 32, 3, 64, 7, 2, 3); /* the stem on a small image */
+    test_conv(8, 1, 1, 64, 10, 1, 1, 0);  /* the fully connected layer */
+    test_conv(3, 5, 6, 3, 5, 3, 1, 1);    /* odd channels, non-square image */
 }
 
 /* ---- mixed-precision conversions (kernels.h, not in the op table) ---- */
@@ -390,7 +495,9 @@ int main(void)
     REQUIRE_OK(st);
     REQUIRE_OK(kfac_backend_get("cpu", 2, &cpu));
 #ifdef KFAC_HAVE_CUDA
-    printf("test_cuda_ops: GPU %d: %s\n", kfac__cuda(gpu)->device, kfac__cuda(gpu)->device_name);
+    printf("test_cuda_ops: GPU %d: %s, cuDNN %zu (built with %d.%d.%d), TF32 %s\n",
+           kfac__cuda(gpu)->device, kfac__cuda(gpu)->device_name, cudnnGetVersion(), CUDNN_MAJOR,
+           CUDNN_MINOR, CUDNN_PATCHLEVEL, kfac__cuda(gpu)->allow_tf32 ? "on" : "off");
 #endif
 
     test_eltwise();
@@ -403,7 +510,7 @@ int main(void)
     test_xent(300, 10, 0.1f, 1);
     test_xent(64, 1000, 0.0f, 1);
     test_xent(5, 37, 0.2f, 0);
-    test_conv_not_supported();
+    test_convs();
 #ifdef KFAC_HAVE_CUDA
     test_conversions();
 #endif

@@ -1,11 +1,12 @@
 /* backend_cuda.c - the CUDA backend table: device memory, one stream, a
- * cuBLAS handle, and the kernels of kernels/ for every operation except
- * convolutions (those arrive with the cuDNN backend).  All array arguments
- * are device pointers, labels of softmax_xent included. */
+ * cuBLAS and a cuDNN handle, the kernels of kernels/ for every operation
+ * but convolutions, which conv_cudnn.c runs through cuDNN.  All array
+ * arguments are device pointers, labels of softmax_xent included. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/conv_cudnn.h"
 #include "cuda/cuda_backend.h"
 
 /* Launches one kernels.h launcher on the backend's stream. */
@@ -78,21 +79,24 @@ static kfac_status cuda_fill(kfac_backend *be, float *x, float value, size_t n)
     LAUNCH(be, fill, n, x, value);
 }
 
-/* ---- convolution: not yet ---- */
+/* ---- convolution (conv_cudnn.c) ---- */
 
-static size_t cuda_conv_workspace(const kfac_backend *be, const kfac_conv_desc *d) { return 0; }
+static size_t cuda_conv_workspace(const kfac_backend *be, const kfac_conv_desc *d)
+{
+    return kfac__cudnn_conv_workspace((kfac_cuda *)be->impl, d);
+}
 
 static kfac_status cuda_conv_forward(kfac_backend *be, const kfac_conv_desc *d, const float *x,
                                      const float *w, const float *bias, float *y, void *ws)
 {
-    return KFAC_ERR(KFAC_ENOTSUP, "cuda: convolution arrives with the cuDNN backend");
+    return kfac__cudnn_conv_forward(kfac__cuda(be), d, x, w, bias, y, ws);
 }
 
 static kfac_status cuda_conv_backward(kfac_backend *be, const kfac_conv_desc *d, const float *x,
                                       const float *w, const float *dy, float *dx, int accumulate,
                                       float *dw, float *db, void *ws)
 {
-    return KFAC_ERR(KFAC_ENOTSUP, "cuda: convolution arrives with the cuDNN backend");
+    return kfac__cudnn_conv_backward(kfac__cuda(be), d, x, w, dy, dx, accumulate, dw, db, ws);
 }
 
 /* ---- batch norm ---- */
@@ -223,17 +227,39 @@ static kfac_status cuda_softmax_xent(kfac_backend *be, int n, int classes, const
 static void cuda_destroy(kfac_backend *be)
 {
     kfac_cuda *cu = kfac__cuda(be);
-    if (cu && (cu->stream || cu->cublas || cu->xent_result)) {
+    if (cu && (cu->stream || cu->cublas || cu->cudnn || cu->xent_result)) {
         cudaSetDevice(cu->device);
         if (cu->stream) cudaStreamSynchronize(cu->stream);
         cudaFree(cu->scratch);
         cudaFree(cu->xent_result);
+        kfac__cudnn_conv_free(cu); /* descriptors before their handle */
+        if (cu->cudnn) cudnnDestroy(cu->cudnn);
         if (cu->cublas) cublasDestroy(cu->cublas);
         if (cu->stream) cudaStreamDestroy(cu->stream);
         (void)cudaGetLastError();
     }
     free(cu);
     free(be);
+}
+
+/* The cuDNN handle, bound to the backend's stream, and its options. */
+static kfac_status cudnn_setup(kfac_cuda *cu)
+{
+    /* Same major version as the headers: the legacy API is stable within one.
+     * EBACKEND, not ENOTSUP: a broken install must not read as "no CUDA". */
+    size_t version = cudnnGetVersion();
+    if (version / 10000 != CUDNN_MAJOR)
+        return KFAC_ERR(KFAC_EBACKEND, "cudnn: library version %zu loaded, built against %d.%d.%d",
+                        version, CUDNN_MAJOR, CUDNN_MINOR, CUDNN_PATCHLEVEL);
+    cudnnStatus_t ds = cudnnCreate(&cu->cudnn);
+    if (ds != CUDNN_STATUS_SUCCESS)
+        return KFAC_ERR(KFAC_EBACKEND, "cudnn: cannot create a handle (library %zu): %s; are all "
+                        "libcudnn*.so.9 of one version on LD_LIBRARY_PATH?", version,
+                        cudnnGetErrorString(ds));
+    KFAC_CUDNN_CHECK(cudnnSetStream(cu->cudnn, cu->stream));
+    const char *tf32 = getenv("KFAC_CUDNN_TF32");
+    cu->allow_tf32 = tf32 && strcmp(tf32, "1") == 0;
+    return KFAC_OK;
 }
 
 static kfac_status cuda_setup(kfac_cuda *cu, int device)
@@ -257,6 +283,7 @@ static kfac_status cuda_setup(kfac_cuda *cu, int device)
     KFAC_CUDA_CHECK(cudaStreamCreateWithFlags(&cu->stream, cudaStreamNonBlocking));
     KFAC_CUBLAS_CHECK(cublasCreate(&cu->cublas));
     KFAC_CUBLAS_CHECK(cublasSetStream(cu->cublas, cu->stream));
+    KFAC_TRY(cudnn_setup(cu));
     KFAC_CUDA_CHECK(cudaMalloc((void **)&cu->xent_result, sizeof *cu->xent_result));
     return KFAC_OK;
 }

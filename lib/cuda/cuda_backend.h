@@ -1,11 +1,19 @@
-/* cuda_backend.h - internal: the CUDA backend's state and its error check.
+/* cuda_backend.h - internal: the CUDA backend's state and its error checks.
  * Operations run in order on one non-blocking stream; only upload, download
- * and softmax_xent (whose results are host values) wait for it. */
+ * and softmax_xent (whose results are host values) wait for it.  cuBLAS and
+ * cuDNN are bound to that stream.
+ *
+ * Environment (read once, when the backend is created):
+ *   KFAC_CUDNN_TF32=1  lets cuDNN convolutions use TF32 tensor cores (10-bit
+ *                      mantissa products, ~1e-3 relative error, several
+ *                      times faster).  Default off: convolutions are plain
+ *                      fp32 FMA, so they match the CPU backend to ~1e-6. */
 #ifndef KFAC_CUDA_BACKEND_H
 #define KFAC_CUDA_BACKEND_H
 
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
+#include <cudnn.h>
 
 #include "kfac/kfac_backend.h"
 #include "../../kernels/kernels.h"
@@ -15,6 +23,9 @@ typedef struct kfac_cuda {
     char device_name[256];
     cudaStream_t stream;
     cublasHandle_t cublas;
+    cudnnHandle_t cudnn;
+    int allow_tf32;                  /* KFAC_CUDNN_TF32: see above */
+    struct kfac_conv_cache *convs;   /* conv_cudnn.c: one plan per geometry */
     void *scratch;                   /* batch-norm and loss scratch, grown on demand */
     size_t scratch_bytes;
     kfac_k_xent_result *xent_result; /* device */
@@ -56,5 +67,32 @@ static inline kfac_status kfac__cuda_status(cudaError_t e)
                                                                    : KFAC_EBACKEND,     \
                             "cuda: %s: %s", #call, cublasGetStatusString(kfac__cs));    \
     } while (0)
+
+/* The same for cuDNN calls; adds cuDNN's own explanation of the last
+ * failure (cudnnGetLastErrorString) when it has one. */
+static inline kfac_status kfac__cudnn_fail(cudnnStatus_t s, const char *what, const char *file,
+                                           int line)
+{
+    char detail[256] = "";
+    cudnnGetLastErrorString(detail, sizeof detail);
+    for (char *p = detail; *p; p++)
+        if (*p == '\n' || *p == '\r') *p = ' ';
+    kfac_status st = KFAC_EBACKEND;
+    if (s == CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED ||
+        s == CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED)
+        st = KFAC_ENOMEM;
+    else if (CUDNN_STATUS_CATEGORY(s) == CUDNN_STATUS_NOT_SUPPORTED)
+        st = KFAC_ENOTSUP;
+    return kfac__set_error(st, file, line, "cudnn: %s: %s%s%s", what, cudnnGetErrorString(s),
+                           detail[0] ? ": " : "", detail);
+}
+
+#define KFAC_CUDNN_CHECK_AS(what, call)                                                 \
+    do {                                                                                \
+        cudnnStatus_t kfac__ds = (call);                                                \
+        if (kfac__ds != CUDNN_STATUS_SUCCESS)                                           \
+            return kfac__cudnn_fail(kfac__ds, (what), __FILE__, __LINE__);              \
+    } while (0)
+#define KFAC_CUDNN_CHECK(call) KFAC_CUDNN_CHECK_AS(#call, call)
 
 #endif

@@ -19,10 +19,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/fsutil.h"
 #include "data/decode.h"
 #include "data/prep_internal.h"
 #include "data/resize.h"
-#include "core/fsutil.h"
 #include "data/shards_internal.h"
 
 enum {

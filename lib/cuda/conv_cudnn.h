@@ -1,0 +1,37 @@
+/* conv_cudnn.h - internal: the CUDA backend's convolutions, through cuDNN's
+ * convolution API (see conv_cudnn.c for the algorithm policy).  The
+ * functions implement the conv_* entries of kfac_backend.h on the state of
+ * cuda_backend.h; backend_cuda.c calls them.
+ *
+ * Each geometry (the whole kfac_conv_desc) gets a plan: cuDNN descriptors
+ * and one algorithm per direction, chosen once.  kfac__cudnn_conv_workspace
+ * makes the plan and reports the scratch bytes the plan needs; later calls
+ * with that geometry, or with the same one and a smaller batch (the model's
+ * partial batches), run in a workspace of that size.  Plans live until
+ * kfac__cudnn_conv_free.  Not thread-safe, like the backend itself. */
+#ifndef KFAC_CONV_CUDNN_H
+#define KFAC_CONV_CUDNN_H
+
+#include "cuda/cuda_backend.h"
+
+/* Bytes of workspace for d (0 also when no plan could be made: the next
+ * conv call with d then returns the reason). */
+size_t kfac__cudnn_conv_workspace(kfac_cuda *cu, const kfac_conv_desc *d);
+
+kfac_status kfac__cudnn_conv_forward(kfac_cuda *cu, const kfac_conv_desc *d, const float *x,
+                                     const float *w, const float *bias, float *y, void *ws);
+
+kfac_status kfac__cudnn_conv_backward(kfac_cuda *cu, const kfac_conv_desc *d, const float *x,
+                                      const float *w, const float *dy, float *dx, int accumulate,
+                                      float *dw, float *db, void *ws);
+
+/* Writes the algorithms chosen for d (a plan is made if needed) as one line,
+ * e.g. "fwd IMPLICIT_PRECOMP_GEMM, data ALGO_1, filter ALGO_1, 1.2 MiB", for
+ * tests and logs. */
+kfac_status kfac__cudnn_conv_describe(kfac_cuda *cu, const kfac_conv_desc *d, char *buf,
+                                      size_t len);
+
+/* Destroys every plan's descriptors (before cudnnDestroy). */
+void kfac__cudnn_conv_free(kfac_cuda *cu);
+
+#endif
