@@ -66,7 +66,22 @@ struct kfac_batcher {
     batch_failure failure;
 };
 
-static kfac_status check_config(const kfac_dataset *ds, const kfac_batcher_config *cfg)
+/* The configuration with its zeros replaced by the documented defaults. */
+static kfac_batcher_config with_defaults(const kfac_dataset *ds, const kfac_batcher_config *in)
+{
+    kfac_batcher_config c = *in;
+    if (!c.out_height) c.out_height = ds->height;
+    if (!c.out_width) c.out_width = ds->width;
+    if (!c.scale_min) c.scale_min = DEFAULT_SCALE_MIN;
+    if (!c.ratio_min) c.ratio_min = DEFAULT_RATIO_MIN;
+    if (!c.ratio_max) c.ratio_max = DEFAULT_RATIO_MAX;
+    return c;
+}
+
+/* `cfg` as given (a zero output size is only allowed for fixed-size data)
+ * and `full`, its defaults filled in. */
+static kfac_status check_config(const kfac_dataset *ds, const kfac_batcher_config *cfg,
+                                const kfac_batcher_config *full)
 {
     if (cfg->batch_size < 1) return KFAC_ERR(KFAC_EINVAL, "batch_size %d < 1", cfg->batch_size);
     if (ds->count == 0) return KFAC_ERR(KFAC_EINVAL, "the dataset has no images");
@@ -79,8 +94,7 @@ static kfac_status check_config(const kfac_dataset *ds, const kfac_batcher_confi
     if (cfg->augment != KFAC_AUGMENT_NONE && cfg->augment != KFAC_AUGMENT_PAD_CROP_FLIP &&
         cfg->augment != KFAC_AUGMENT_RANDOM_RESIZED_CROP)
         return KFAC_ERR(KFAC_EINVAL, "unknown augmentation %d", (int)cfg->augment);
-    int out_height = cfg->out_height ? cfg->out_height : ds->height;
-    int out_width = cfg->out_width ? cfg->out_width : ds->width;
+    int out_height = full->out_height, out_width = full->out_width;
     if (!ds->fixed_size && (!cfg->out_height || !cfg->out_width))
         return KFAC_ERR(KFAC_EINVAL, "the images differ in size: the batcher needs an output "
                         "size (crop)");
@@ -97,9 +111,7 @@ static kfac_status check_config(const kfac_dataset *ds, const kfac_batcher_confi
                             "of the output size %dx%d", out_height, out_width);
     }
     if (cfg->augment == KFAC_AUGMENT_RANDOM_RESIZED_CROP) {
-        float scale_min = cfg->scale_min ? cfg->scale_min : DEFAULT_SCALE_MIN;
-        float ratio_min = cfg->ratio_min ? cfg->ratio_min : DEFAULT_RATIO_MIN;
-        float ratio_max = cfg->ratio_max ? cfg->ratio_max : DEFAULT_RATIO_MAX;
+        float scale_min = full->scale_min, ratio_min = full->ratio_min, ratio_max = full->ratio_max;
         if (!(scale_min > 0 && scale_min <= 1))
             return KFAC_ERR(KFAC_EINVAL, "random-resized crop: scale_min %g outside (0, 1]",
                             scale_min);
@@ -126,17 +138,13 @@ kfac_status kfac_batcher_init(kfac_batcher **out, const kfac_dataset *ds,
                               const kfac_batcher_config *cfg)
 {
     *out = NULL;
-    KFAC_TRY(check_config(ds, cfg));
+    kfac_batcher_config full = with_defaults(ds, cfg);
+    KFAC_TRY(check_config(ds, cfg, &full));
     kfac_batcher *b = calloc(1, sizeof *b);
     if (!b) return KFAC_ERR(KFAC_ENOMEM, "cannot allocate the batcher");
     b->ds = ds;
-    b->cfg = *cfg;
+    b->cfg = full;
     b->threads = cfg->threads > 0 ? cfg->threads : 1;
-    if (!b->cfg.out_height) b->cfg.out_height = ds->height;
-    if (!b->cfg.out_width) b->cfg.out_width = ds->width;
-    if (!b->cfg.scale_min) b->cfg.scale_min = DEFAULT_SCALE_MIN;
-    if (!b->cfg.ratio_min) b->cfg.ratio_min = DEFAULT_RATIO_MIN;
-    if (!b->cfg.ratio_max) b->cfg.ratio_max = DEFAULT_RATIO_MAX;
     int oh = b->cfg.out_height, ow = b->cfg.out_width;
     b->source_size = (size_t)ds->height * (size_t)ds->width * (size_t)ds->channels;
     b->image_size = (size_t)oh * (size_t)ow * (size_t)ds->channels;
