@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "core/fsutil.h"
 #include "kfac/kfac_dataset.h"
@@ -128,6 +129,16 @@ static kfac_status open_datasets(trainer *t)
     return kfac_dataset_open_idx(job->data.path, KFAC_SPLIT_TEST, &t->test_set);
 }
 
+/* data.loader_threads, where 0 means the compute threads on the CPU and
+ * every core when a GPU computes. */
+static int loader_threads(const trainer *t)
+{
+    if (t->job->data.loader_threads) return t->job->data.loader_threads;
+    if (strcmp(t->job->train.device, "cpu") == 0) return t->be->threads;
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    return cores > 0 ? (int)cores : 1;
+}
+
 static kfac_status open_data(trainer *t)
 {
     const kfac_job *job = t->job;
@@ -154,7 +165,7 @@ static kfac_status open_data(trainer *t)
         .seed = job->train.seed,
         .shuffle = 1,
         .drop_last = 1, /* equal-sized steps: BN statistics and the schedule stay clean */
-        .threads = job->data.loader_threads ? job->data.loader_threads : t->be->threads,
+        .threads = loader_threads(t),
     };
     KFAC_TRY(normalisation(job, t->train_set->channels, &cfg));
     KFAC_TRY(kfac_batcher_init(&t->train_batches, t->train_set, &cfg));
@@ -472,6 +483,22 @@ static kfac_status plan_slices(trainer *t)
     return KFAC_OK;
 }
 
+/* What the CUDA backend can train so far: the model's operations run on
+ * the device, but K-FAC's stages, the micro-batch sums and the rank
+ * averages of BN statistics still touch parameters on the host. */
+static kfac_status check_device(const trainer *t)
+{
+    const kfac_job *job = t->job;
+    if (strcmp(job->train.device, "cuda") != 0) return KFAC_OK;
+    if (strcmp(job->optimizer.name, "sgd") != 0)
+        return KFAC_ERR(KFAC_ENOTSUP, "train.device cuda: optimizer.name %s runs on the cpu "
+                        "device only so far (use sgd)", job->optimizer.name);
+    if (t->size > 1 || t->micro_batches > 1)
+        return KFAC_ERR(KFAC_ENOTSUP, "train.device cuda: one rank and one micro-batch only so "
+                        "far (%d ranks, %d micro-batches)", t->size, t->micro_batches);
+    return KFAC_OK;
+}
+
 /* Every rank starts from rank 0's parameters and statistics (they are
  * built from the same seed; this makes it a guarantee). */
 static kfac_status broadcast_model(trainer *t)
@@ -493,7 +520,8 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
     if (!lead) cb = NULL;
     /* Inputs first: a job that cannot run leaves no output behind. */
     KFAC_TRY(plan_slices(t));
-    KFAC_TRY(kfac_backend_get("cpu", job->train.threads, &t->be));
+    KFAC_TRY(check_device(t));
+    KFAC_TRY(kfac_backend_get(job->train.device, job->train.threads, &t->be));
     KFAC_TRY(schedule_from_job(job, &t->schedule));
     KFAC_TRY(open_data(t));
     KFAC_TRY(build_model(t));

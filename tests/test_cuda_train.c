@@ -1,0 +1,134 @@
+/* test_cuda_train.c - the same short training run (resnet8-fmnist, SGD,
+ * 12 steps of 32 images with augmentation, then evaluation) through
+ * kfac_train_run on train.device cpu and cuda: the epoch's train loss, test
+ * loss and accuracy, and every trained parameter must agree.
+ *
+ * Tolerance: parameters within 1e-3 of max|p| (fp32 on both sides; cuDNN
+ * and our kernels sum in other orders, and 12 steps of SGD carry those
+ * rounding differences forward), losses within 1e-3 relative, accuracy
+ * within 1% of the test images (an image near a decision boundary may flip).
+ *
+ * The images are synthetic (a class-dependent stripe pattern plus noise,
+ * written as IDX files), so the test needs no dataset on the GPU machine.
+ * Without CUDA in the build or without a GPU: "skipped: no GPU", exit 77. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kfac/kfac_backend.h"
+#include "kfac/kfac_train.h"
+#include "testutil.h"
+
+enum { TRAIN = 384, TEST = 200, SIDE = 28, CLASSES = 10 };
+
+static float *params[2];
+static size_t param_count[2];
+static int run_index;
+
+static void on_finish(const float *p, size_t n, void *user)
+{
+    params[run_index] = malloc(n * sizeof(float));
+    memcpy(params[run_index], p, n * sizeof(float));
+    param_count[run_index] = n;
+}
+
+static void put_be32(FILE *f, uint32_t v)
+{
+    unsigned char b[4] = {(unsigned char)(v >> 24), (unsigned char)(v >> 16),
+                          (unsigned char)(v >> 8), (unsigned char)v};
+    fwrite(b, 1, 4, f);
+}
+
+/* An IDX split: image i of class i % 10 has stripes of period 2 + class. */
+static void write_split(const char *dir, const char *prefix, int count, unsigned long long seed)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s-images-idx3-ubyte", dir, prefix);
+    FILE *f = fopen(path, "wb");
+    put_be32(f, 0x803), put_be32(f, (uint32_t)count), put_be32(f, SIDE), put_be32(f, SIDE);
+    for (int i = 0; i < count; i++)
+        for (int y = 0; y < SIDE; y++)
+            for (int x = 0; x < SIDE; x++) {
+                int period = 2 + i % CLASSES;
+                double v = ((x + y) / period) % 2 ? 200 : 40;
+                v += 50 * test_uniform(&seed);
+                fputc(v < 0 ? 0 : v > 255 ? 255 : (int)v, f);
+            }
+    fclose(f);
+    snprintf(path, sizeof path, "%s/%s-labels-idx1-ubyte", dir, prefix);
+    f = fopen(path, "wb");
+    put_be32(f, 0x801), put_be32(f, (uint32_t)count);
+    for (int i = 0; i < count; i++) fputc(i % CLASSES, f);
+    fclose(f);
+}
+
+static kfac_status train_on(const char *dir, const char *device, kfac_epoch_metrics *em)
+{
+    char path[512], out[600], sets[4][700];
+    snprintf(path, sizeof path, "%s/job.yaml", dir);
+    FILE *f = fopen(path, "w");
+    fprintf(f, "model: {name: resnet8-fmnist}\n"
+               "schedule: {lr: 0.05, warmup_epochs: 0, decay: constant}\n"
+               "train: {epochs: 1, batch_size: 32, eval_batch_size: 100, max_steps: 12,\n"
+               "        threads: 2, seed: 5}\n");
+    fclose(f);
+    snprintf(out, sizeof out, "%s/out-%s", dir, device);
+    snprintf(sets[0], sizeof sets[0], "data.path=%s", dir);
+    snprintf(sets[1], sizeof sets[1], "output.dir=%s", out);
+    snprintf(sets[2], sizeof sets[2], "train.device=%s", device);
+    snprintf(sets[3], sizeof sets[3], "data.prefetch=2");
+    const char *argv[4] = {sets[0], sets[1], sets[2], sets[3]};
+    kfac_job job;
+    KFAC_TRY(kfac_job_load(&job, path, 4, argv));
+    kfac_train_callbacks cb = {.on_finish = on_finish};
+    return kfac_train_run(&job, NULL, &cb, em);
+}
+
+int main(void)
+{
+    kfac_backend *gpu = NULL;
+    kfac_status st = kfac_backend_get("cuda", 0, &gpu);
+    if (st == KFAC_ENOTSUP || st == KFAC_ENODEV) {
+        printf("skipped: no GPU (%s)\n", kfac_last_error());
+        return 77;
+    }
+    CHECK_OK(st);
+    kfac_backend_free(gpu);
+    if (st != KFAC_OK) return test_summary("test_cuda_train");
+
+    char dir[] = "/tmp/kfac_cuda_train_XXXXXX";
+    if (!mkdtemp(dir)) {
+        perror("mkdtemp");
+        return 1;
+    }
+    write_split(dir, "train", TRAIN, 11);
+    write_split(dir, "t10k", TEST, 12);
+    kfac_epoch_metrics em[2];
+    const char *devices[2] = {"cpu", "cuda"};
+    for (run_index = 0; run_index < 2; run_index++)
+        CHECK_OK(train_on(dir, devices[run_index], &em[run_index]));
+    if (params[0] && params[1] && param_count[0] == param_count[1]) {
+        double max_p = 1e-6, max_d = 0;
+        for (size_t i = 0; i < param_count[0]; i++) {
+            double d = fabs((double)params[1][i] - params[0][i]);
+            if (!(d <= max_d)) max_d = d; /* NaN too */
+            if (fabs(params[0][i]) > max_p) max_p = fabs(params[0][i]);
+        }
+        printf("trained parameters: max |gpu - cpu| %.3g of max |p| %.3g\n", max_d, max_p);
+        CHECK(max_d <= 1e-3 * max_p, "parameters differ by %.3g (max |p| %.3g)", max_d, max_p);
+    } else {
+        CHECK(0, "no parameters to compare");
+    }
+    printf("cpu: train loss %.6f test loss %.6f acc %.4f; cuda: %.6f %.6f %.4f (%.0f vs %.0f img/s)\n",
+           em[0].train_loss, em[0].test_loss, em[0].test_acc, em[1].train_loss, em[1].test_loss,
+           em[1].test_acc, em[0].images_per_s, em[1].images_per_s);
+    CHECK(fabs(em[1].train_loss - em[0].train_loss) <= 1e-3 * em[0].train_loss, "train loss");
+    CHECK(fabs(em[1].test_loss - em[0].test_loss) <= 1e-3 * em[0].test_loss, "test loss");
+    CHECK(fabs(em[1].test_acc - em[0].test_acc) <= 0.01, "test accuracy");
+    free(params[0]);
+    free(params[1]);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    CHECK(system(cmd) == 0, "cleanup");
+    return test_summary("test_cuda_train");
+}
