@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/clock.h"
 #include "kfac/kfac_factors.h"
 #include "kfac/kfac_placement.h"
 #include "kfac/kfac_precond.h"
@@ -64,13 +65,6 @@ struct kfac_precond {
     float *chol_ws;              /* largest order squared */
     kfac_precond_stats stats;
 };
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 void kfac_precond_config_defaults(kfac_precond_config *cfg)
 {
@@ -422,7 +416,7 @@ kfac_status kfac_precond_capture(kfac_precond *p, int node, int n)
     int li = p->layer_of_node[node];
     if (li < 0 || !p->layers[li].factor_due) return KFAC_OK;
     layer *L = &p->layers[li];
-    double t0 = now_seconds();
+    double t0 = kfac__now_seconds();
     kfac_layer_view v;
     kfac_model_layer(p->model, node, n, &v);
     int ns = (int)ceil(p->cfg.subsample * n);
@@ -431,7 +425,7 @@ kfac_status kfac_precond_capture(kfac_precond *p, int node, int n)
         capture_bn(p, L, &v, n, ns);
     else
         KFAC_TRY(capture_kron(p, L, &v, n, ns));
-    p->stats.seconds_capture += now_seconds() - t0;
+    p->stats.seconds_capture += kfac__now_seconds() - t0;
     return KFAC_OK;
 }
 
@@ -520,11 +514,11 @@ static kfac_status reduce_factors(kfac_precond *p, int which, float scale)
             p->counts[L->owner] += len[j];
         }
     }
-    double t0 = now_seconds();
+    double t0 = kfac__now_seconds();
     KFAC_TRY(kfac_comm_reduce_scatterv(p->comm, half ? (void *)p->fsend16 : (void *)p->fsend,
                                        half ? (void *)p->frecv16 : (void *)p->frecv, p->counts, t,
                                        KFAC_STAGE_FACTOR_REDUCE));
-    p->stats.seconds_comm += now_seconds() - t0;
+    p->stats.seconds_comm += kfac__now_seconds() - t0;
     off = 0;
     for (int k = 0; k < p->num_layers; k++) {
         layer *L = &p->layers[p->order[k]];
@@ -555,10 +549,10 @@ static void scale_batch(layer *L, float s)
 static kfac_status share_changes(kfac_precond *p)
 {
     if (p->cfg.adaptive_threshold <= 0 || p->size == 1 || p->cfg.reduce_at_inverse) return KFAC_OK;
-    double t0 = now_seconds();
+    double t0 = kfac__now_seconds();
     kfac_status st = kfac_comm_allreduce(p->comm, p->changes, (size_t)p->num_layers, KFAC_F64,
                                          KFAC_STAGE_OTHER);
-    p->stats.seconds_comm += now_seconds() - t0;
+    p->stats.seconds_comm += kfac__now_seconds() - t0;
     return st;
 }
 
@@ -625,7 +619,7 @@ static kfac_status invert_due(kfac_precond *p, double epoch)
     int any = 0;
     for (int i = 0; i < p->num_layers; i++) any |= p->layers[i].inverse_due && p->layers[i].has_factors;
     if (any && p->cfg.reduce_at_inverse) KFAC_TRY(reduce_factors(p, 1, 1.0f / (float)p->size));
-    double t0 = now_seconds();
+    double t0 = kfac__now_seconds();
     for (int i = 0; i < p->num_layers; i++) {
         layer *L = &p->layers[i];
         if (!L->inverse_due || !L->has_factors) continue;
@@ -644,7 +638,7 @@ static kfac_status invert_due(kfac_precond *p, double epoch)
         L->stale = 0;
         L->next_inverse = p->step + p->cfg.inverse_interval;
     }
-    p->stats.seconds_invert += now_seconds() - t0;
+    p->stats.seconds_invert += kfac__now_seconds() - t0;
     return KFAC_OK;
 }
 
@@ -692,10 +686,10 @@ static kfac_status reduce_grads(kfac_precond *p, float scale)
         pack_grad(p, L, grads, p->gbuf + L->grad_off);
     }
     for (int r = 0; r < p->rank; r++) my_off += p->grad_counts[r];
-    double t0 = now_seconds();
+    double t0 = kfac__now_seconds();
     KFAC_TRY(kfac_comm_reduce_scatterv(p->comm, p->gbuf, p->grecv, p->grad_counts, KFAC_F32,
                                        KFAC_STAGE_GRAD_REDUCE));
-    p->stats.seconds_comm += now_seconds() - t0;
+    p->stats.seconds_comm += kfac__now_seconds() - t0;
     for (size_t i = 0; i < p->grad_counts[p->rank]; i++)
         p->gbuf[my_off + i] = p->grecv[i] * scale;
     return KFAC_OK;
@@ -729,15 +723,15 @@ static double precondition_layer(kfac_precond *p, layer *L, float *block, double
  * summed over all layers (an f64 all-reduce of the owners' partial sums). */
 static kfac_status precondition_owned(kfac_precond *p, double epoch, float lr)
 {
-    double t0 = now_seconds(), lambda = damping_at(p, epoch), sum_pg = 0;
+    double t0 = kfac__now_seconds(), lambda = damping_at(p, epoch), sum_pg = 0;
     for (int i = 0; i < p->num_layers; i++) {
         layer *L = &p->layers[i];
         if (mine(p, L) && L->has_inverse)
             sum_pg += precondition_layer(p, L, p->gbuf + L->grad_off, lambda);
     }
-    double t1 = now_seconds();
+    double t1 = kfac__now_seconds();
     KFAC_TRY(kfac_comm_allreduce(p->comm, &sum_pg, 1, KFAC_F64, KFAC_STAGE_OTHER));
-    double t2 = now_seconds();
+    double t2 = kfac__now_seconds();
     double scale = kfac_kl_clip_scale(p->cfg.kl_clip, lr, sum_pg);
     if (scale < 1.0)
         for (int i = 0; i < p->num_layers; i++) {
@@ -747,17 +741,17 @@ static kfac_status precondition_owned(kfac_precond *p, double epoch, float lr)
         }
     p->stats.last_kl_scale = scale;
     p->stats.seconds_comm += t2 - t1;
-    p->stats.seconds_precondition += (t1 - t0) + (now_seconds() - t2);
+    p->stats.seconds_precondition += (t1 - t0) + (kfac__now_seconds() - t2);
     return KFAC_OK;
 }
 
 /* Every owner's preconditioned blocks to everyone, then into the model. */
 static kfac_status gather_grads(kfac_precond *p)
 {
-    double t0 = now_seconds();
+    double t0 = kfac__now_seconds();
     KFAC_TRY(kfac_comm_allgatherv(p->comm, p->gbuf, p->grad_counts, KFAC_F32,
                                   KFAC_STAGE_PRECOND_GATHER));
-    p->stats.seconds_comm += now_seconds() - t0;
+    p->stats.seconds_comm += kfac__now_seconds() - t0;
     float *grads = kfac_model_grads(p->model);
     for (int i = 0; i < p->num_layers; i++)
         unpack_grad(p, &p->layers[i], p->gbuf + p->layers[i].grad_off, grads);

@@ -13,6 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/clock.h"
 #include "core/fsutil.h"
 #include "kfac/kfac_dataset.h"
 #include "kfac/kfac_gradsync.h"
@@ -45,13 +46,6 @@ typedef struct trainer {
     float *bn_saved;    /* BN running statistics kept aside during precise BN */
     FILE *metrics;
 } trainer;
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 
 static kfac_status schedule_from_job(const kfac_job *job, kfac_lr_schedule *s)
@@ -415,7 +409,7 @@ static kfac_status train_epoch(trainer *t, int epoch, long *step, kfac_epoch_met
     int steps = (int)kfac_batcher_batches_per_epoch(t->train_batches);
     double loss_sum = 0;
     long correct = 0, seen = 0;
-    double t0 = now_seconds();
+    double t0 = kfac__now_seconds();
     KFAC_TRY(kfac_loader_start(t->train_loader, (kfac_loader_cursor){epoch, 0}));
     kfac_loader_take_wait(t->train_loader);
     for (int i = 0; i < steps; i++) {
@@ -430,7 +424,7 @@ static kfac_status train_epoch(trainer *t, int epoch, long *step, kfac_epoch_met
             cb->on_progress(epoch + 1, i + 1, steps, (loss_sum - before) / (seen - seen_before),
                             cb->user);
     }
-    double train_seconds = now_seconds() - t0;
+    double train_seconds = kfac__now_seconds() - t0;
     em->loader_wait_s = kfac_loader_take_wait(t->train_loader);
     em->steps_in_epoch = (int)(*step - em->step);
     KFAC_TRY(epoch_bytes(t, em));
@@ -514,7 +508,7 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
 {
     const kfac_job *job = t->job;
     char path[2 * KFAC_JOB_STR + 2];
-    double start = now_seconds();
+    double start = kfac__now_seconds();
     int lead = t->rank == 0;
     const kfac_train_callbacks *all_ranks_cb = cb;
     if (!lead) cb = NULL;
@@ -551,7 +545,7 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
     kfac_epoch_metrics em = {.test_acc_precise_bn = -1, .test_loss_precise_bn = -1};
     for (int epoch = 0; epoch < job->train.epochs; epoch++) {
         if (job->train.max_steps > 0 && step >= job->train.max_steps) break;
-        double t0 = now_seconds();
+        double t0 = kfac__now_seconds();
         kfac_comm_get_bytes(t->world, &t->bytes_before);
         em.step = step;
         KFAC_TRY(train_epoch(t, epoch, &step, &em, cb));
@@ -568,8 +562,8 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
         }
         em.epoch = epoch + 1;
         em.step = step;
-        em.epoch_seconds = now_seconds() - t0;
-        em.seconds = now_seconds() - start;
+        em.epoch_seconds = kfac__now_seconds() - t0;
+        em.seconds = kfac__now_seconds() - start;
         if (t->metrics) write_metrics(t->metrics, &em, t->kfac != NULL, t->size);
         if (cb && cb->on_epoch) cb->on_epoch(&em, cb->user);
     }

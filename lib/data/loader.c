@@ -16,6 +16,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/clock.h"
+
 typedef struct slot {
     float *images;
     int32_t *labels;
@@ -53,13 +55,6 @@ struct kfac_loader {
     int failed;
     double wait_seconds;
 };
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static void *default_alloc(size_t bytes, void *user)
 {
@@ -228,9 +223,9 @@ kfac_status kfac_loader_next(kfac_loader *l, kfac_loader_piece *piece)
         pthread_cond_signal(&l->space);
     }
     if (l->filled == 0 && !l->done) {
-        double t0 = now_seconds();
+        double t0 = kfac__now_seconds();
         while (l->filled == 0 && !l->done) pthread_cond_wait(&l->ready, &l->lock);
-        l->wait_seconds += now_seconds() - t0;
+        l->wait_seconds += kfac__now_seconds() - t0;
     }
     if (l->filled == 0) {
         pthread_mutex_unlock(&l->lock);

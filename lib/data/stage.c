@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/clock.h"
 #include "data/stage_internal.h"
 
 enum {
@@ -69,17 +70,10 @@ kfac_status kfac_stage_dir_name(const char *src_dir, const void *manifest_bytes,
     return KFAC_OK;
 }
 
-double kfac__stage_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 void kfac__stage_progress(stage_ctx *c, uint64_t bytes)
 {
     c->prog.bytes_done += bytes;
-    c->prog.seconds = kfac__stage_now() - c->t0;
+    c->prog.seconds = kfac__now_seconds() - c->t0;
     if (c->opt->progress) c->opt->progress(&c->prog, c->opt->progress_user);
 }
 
@@ -405,7 +399,7 @@ static void run_stager(const kfac_stage_options *opt, kfac_topo *topo, node_resu
     c.opt = opt;
     c.rep = &res->report;
     c.lock_fd = -1;
-    c.t0 = kfac__stage_now();
+    c.t0 = kfac__now_seconds();
     const kfac_rank_info *me = topo ? kfac_topo_self(topo) : NULL;
     res->report.node = me ? me->node : 0;
     res->report.stager_rank = me ? me->rank : 0;
@@ -421,7 +415,7 @@ static void run_stager(const kfac_stage_options *opt, kfac_topo *topo, node_resu
     if (st == KFAC_OK && !res->report.fell_back)
         snprintf(res->report.data_dir, sizeof res->report.data_dir, "%s", c.dir);
     kfac__stage_close_dir(&c);
-    res->report.seconds = kfac__stage_now() - c.t0;
+    res->report.seconds = kfac__now_seconds() - c.t0;
     if (res->report.bytes_copied > 0 && res->report.seconds > 0)
         res->report.gbps = (double)res->report.bytes_copied / res->report.seconds / 1e9;
     res->status = st;

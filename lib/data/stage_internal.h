@@ -48,7 +48,6 @@ typedef struct stage_ctx {
 
 /* ---- stage.c ---- */
 
-double kfac__stage_now(void);
 /* The local side failed with the message of `st` (already recorded): with
  * fallback, the node reads the source instead (report updated, KFAC_OK);
  * without, the error is returned with a hint. */
