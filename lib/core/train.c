@@ -9,8 +9,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "core/clock.h"
@@ -46,7 +44,6 @@ typedef struct trainer {
     float *bn_saved;    /* BN running statistics kept aside during precise BN */
     FILE *metrics;
 } trainer;
-
 
 static kfac_status schedule_from_job(const kfac_job *job, kfac_lr_schedule *s)
 {
@@ -148,12 +145,11 @@ static kfac_status open_data(trainer *t)
         augment = strcmp(job->data.transform, "random_resized_crop") == 0
                       ? KFAC_AUGMENT_RANDOM_RESIZED_CROP
                       : KFAC_AUGMENT_PAD_CROP_FLIP;
-    int side = job->data.crop ? job->data.crop : t->train_set->height;
     kfac_batcher_config cfg = {
         .batch_size = job->train.batch_size,
         .augment = augment,
-        .out_height = side,
-        .out_width = job->data.crop ? job->data.crop : t->train_set->width,
+        .out_height = job->data.crop, /* 0: the stored size */
+        .out_width = job->data.crop,
         .pad = job->data.pad,
         .scale_min = job->data.scale_min,
         .seed = job->train.seed,
@@ -175,7 +171,8 @@ static kfac_status open_data(trainer *t)
     cfg.augment = KFAC_AUGMENT_NONE;
     cfg.resize = job->data.val_resize;
     cfg.drop_last = 0;
-    if (job->train.precise_bn_images > 0) KFAC_TRY(kfac_batcher_init(&t->bn_batches, t->train_set, &cfg));
+    if (job->train.precise_bn_images > 0)
+        KFAC_TRY(kfac_batcher_init(&t->bn_batches, t->train_set, &cfg));
     cfg.batch_size = job->train.eval_batch_size;
     cfg.shuffle = 0;
     return kfac_batcher_init(&t->test_batches, t->test_set, &cfg);
