@@ -3,10 +3,10 @@
  * The thread is started by kfac_loader_start and joined by the next start
  * (or free), so an epoch change never races with a read in flight: the
  * batcher's permutation is switched only while no thread uses it.  Pieces
- * are produced strictly in order into slots (head + filled) % depth and
+ * are produced strictly in order into slots (head + filled) % slots and
  * consumed from head; the piece handed out last stays owned by the caller
- * until its next call, so a ring of depth d keeps d - 1 pieces ahead of
- * the one being trained on (and depth 1 still overlaps nothing).
+ * until its next call, so the ring has depth + 1 slots: depth pieces ahead
+ * of the one being trained on.
  */
 #include "kfac/kfac_loader.h"
 
@@ -31,7 +31,7 @@ struct kfac_loader {
     kfac_batcher *batcher;
     kfac_loader_config cfg;
     int pieces_per_batch;
-    int num_slots; /* depth, or 1 when reading on the caller's thread */
+    int num_slots; /* depth + 1, or 1 when reading on the caller's thread */
     slot *slots;
     int epoch;
 
@@ -143,7 +143,7 @@ kfac_status kfac_loader_init(kfac_loader **out, kfac_batcher *batcher,
         l->cfg.release = default_release;
     }
     l->pieces_per_batch = cfg->count / cfg->piece;
-    l->num_slots = cfg->depth > 0 ? cfg->depth : 1;
+    l->num_slots = cfg->depth > 0 ? cfg->depth + 1 : 1;
     pthread_mutex_init(&l->lock, NULL);
     pthread_cond_init(&l->ready, NULL);
     pthread_cond_init(&l->space, NULL);
@@ -162,8 +162,8 @@ kfac_status kfac_loader_init(kfac_loader **out, kfac_batcher *batcher,
 oom:
     kfac_loader_free(l);
     *out = NULL;
-    return KFAC_ERR(KFAC_ENOMEM, "loader: cannot allocate %d buffers of %d images", cfg->depth,
-                    cfg->piece);
+    return KFAC_ERR(KFAC_ENOMEM, "loader: cannot allocate %d buffers of %d images",
+                    cfg->depth + 1, cfg->piece);
 }
 
 kfac_status kfac_loader_start(kfac_loader *l, kfac_loader_cursor cursor)

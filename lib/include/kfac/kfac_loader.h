@@ -4,7 +4,7 @@
  * Every global batch of an epoch (the batcher's permutation from (seed,
  * epoch)) is split among ranks: this rank takes images first ..
  * first+count-1 of each batch, delivered as pieces of `piece` images (its
- * micro-batches).  A loader thread fills a bounded ring of `depth` piece
+ * micro-batches).  A loader thread fills a bounded ring of depth + 1 piece
  * buffers, all allocated at init (through the caller's allocator, so a GPU
  * backend can hand out pinned memory); kfac_loader_next hands them out in
  * order and counts the time it had to wait, which is the loader-bound time
@@ -33,7 +33,8 @@ typedef struct kfac_loader_config {
     int first;  /* this rank's first image in every global batch */
     int count;  /* images this rank takes from every batch */
     int piece;  /* images per delivered piece; count must be a multiple */
-    int depth;  /* pieces prepared ahead on the loader thread; 0: read in kfac_loader_next */
+    int depth;  /* pieces prepared ahead of the one in use, on the loader thread;
+                   0: each piece is read in kfac_loader_next */
     /* Allocator of the piece buffers (NULL: malloc/free), e.g. pinned host memory. */
     void *(*alloc)(size_t bytes, void *user);
     void (*release)(void *ptr, void *user);
