@@ -74,16 +74,6 @@ static const char *option_value(const char *a, const char *name, int *i, int arg
     return argv[++*i];
 }
 
-static const char *human(double b, char buf[32])
-{
-    static const char *const units[] = {"B", "kB", "MB", "GB", "TB", "PB"};
-    int u = 0;
-    while (b >= 1000 && u < 5) b /= 1000, u++;
-    snprintf(buf, 32, u == 0 ? "%.0f %s" : b < 10 ? "%.2f %s" : b < 100 ? "%.1f %s" : "%.0f %s",
-             b, units[u]);
-    return buf;
-}
-
 /* On a terminal only: one line redrawn at most four times a second. */
 static void on_progress(const kfac_stage_progress *p, void *user)
 {
@@ -93,7 +83,8 @@ static void on_progress(const kfac_stage_progress *p, void *user)
     char done[32], total[32];
     fprintf(stderr, "\r\033[Kstaging: shard %d/%d  %s of %s  %.2f GB/s  %s",
             p->shards_done + (p->bytes_done < p->bytes_total), p->shards_total,
-            human((double)p->bytes_done, done), human((double)p->bytes_total, total),
+            kfac_stage_format_bytes(p->bytes_done, done),
+            kfac_stage_format_bytes(p->bytes_total, total),
             p->seconds > 0 ? (double)p->bytes_done / p->seconds / 1e9 : 0.0,
             p->file ? p->file : "");
     fflush(stderr);
@@ -115,26 +106,28 @@ static void print_node(const char *who, const kfac_stage_report *r, int quiet)
                 "%s: node %d (%s): rank %d kept all %d shards (%s, %s hashed), nothing "
                 "to copy, %.2f s -> %s\n",
                 who, r->node, r->host, r->stager_rank, r->shards_skipped,
-                human((double)r->bytes_skipped, b), human((double)r->bytes_verified, c),
-                r->seconds, r->data_dir);
+                kfac_stage_format_bytes(r->bytes_skipped, b),
+                kfac_stage_format_bytes(r->bytes_verified, c), r->seconds, r->data_dir);
         return;
     }
     fprintf(stderr,
             "%s: node %d (%s): rank %d copied %d shards (%s%s) in %.2f s, %.2f GB/s; "
             "kept %d (%s, %s hashed) -> %s\n",
-            who, r->node, r->host, r->stager_rank, r->shards_copied, human((double)r->bytes_copied, a),
-            r->shards_resumed ? ", resumed" : "", r->seconds, r->gbps, r->shards_skipped,
-            human((double)r->bytes_skipped, b), human((double)r->bytes_verified, c), r->data_dir);
+            who, r->node, r->host, r->stager_rank, r->shards_copied,
+            kfac_stage_format_bytes(r->bytes_copied, a), r->shards_resumed ? ", resumed" : "",
+            r->seconds, r->gbps, r->shards_skipped, kfac_stage_format_bytes(r->bytes_skipped, b),
+            kfac_stage_format_bytes(r->bytes_verified, c), r->data_dir);
 }
 
 static void print_total(const char *who, const kfac_stage_report *all, int nodes, const char *src)
 {
-    double copied = 0, kept = 0, read = 0, seconds = 0;
+    uint64_t copied = 0, kept = 0, read = 0;
+    double seconds = 0;
     int fell = 0;
     for (int i = 0; i < nodes; i++) {
-        copied += (double)all[i].bytes_copied;
-        kept += (double)all[i].bytes_skipped;
-        read += (double)all[i].bytes_from_src;
+        copied += all[i].bytes_copied;
+        kept += all[i].bytes_skipped;
+        read += all[i].bytes_from_src;
         fell += all[i].fell_back;
         if (all[i].seconds > seconds) seconds = all[i].seconds;
     }
@@ -142,8 +135,9 @@ static void print_total(const char *who, const kfac_stage_report *all, int nodes
     fprintf(stderr,
             "%s: total: %d node%s, %s copied, %s kept, %s read from %s, %.2f s, "
             "%.2f GB/s%s\n",
-            who, nodes, nodes == 1 ? "" : "s", human(copied, a), human(kept, b), human(read, c), src,
-            seconds, seconds > 0 ? copied / seconds / 1e9 : 0.0,
+            who, nodes, nodes == 1 ? "" : "s", kfac_stage_format_bytes(copied, a),
+            kfac_stage_format_bytes(kept, b), kfac_stage_format_bytes(read, c), src, seconds,
+            seconds > 0 ? (double)copied / seconds / 1e9 : 0.0,
             fell ? ", some nodes fell back" : "");
 }
 
@@ -251,7 +245,8 @@ int kfac_stage_and_report(kfac_stage_options *opt, kfac_topo *topo, const char *
     }
     kfac_stage_report *all = calloc((size_t)me->num_nodes, sizeof *all);
     if (!all || kfac_stage_gather(topo, &mine, all) != KFAC_OK) {
-        if (me->rank == 0) fprintf(stderr, "%s: %s\n", who, all ? kfac_last_error() : "out of memory");
+        if (me->rank == 0)
+            fprintf(stderr, "%s: %s\n", who, all ? kfac_last_error() : "out of memory");
         free(all);
         return 1;
     }
@@ -265,8 +260,10 @@ int kfac_stage_and_report(kfac_stage_options *opt, kfac_topo *topo, const char *
         fflush(stderr);
     }
     int fits = snprintf(data_dir, cap, "%s", mine.data_dir) < (int)cap;
-    if (shared_dir) fits &= snprintf(shared_dir, shared_cap, "%s", common_dir(all, me->num_nodes, src)) <
-                            (int)shared_cap;
+    if (shared_dir) {
+        const char *common = common_dir(all, me->num_nodes, src);
+        fits &= snprintf(shared_dir, shared_cap, "%s", common) < (int)shared_cap;
+    }
     free(all);
     if (!fits) {
         fprintf(stderr, "%s: rank %d: the staged folder %s is too long a path\n", who, me->rank,

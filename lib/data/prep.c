@@ -16,9 +16,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "core/clock.h"
 #include "core/fsutil.h"
 #include "data/decode.h"
 #include "data/prep_internal.h"
@@ -47,7 +47,7 @@ struct kfac_prep {
     size_t first_shard[2];  /* index of each split's shard 0 */
     shard_result *results;  /* num_shards */
     /* run state */
-    struct timespec t0;
+    double t0;              /* kfac__now_seconds() at the start */
     size_t done;            /* inputs handled by this rank (atomic) */
     int64_t next_progress;  /* ns since t0 (atomic) */
     int stop;               /* a worker failed (atomic) */
@@ -66,13 +66,6 @@ typedef struct worker {
     char path[PREP_PATH_CAP];
 } worker;
 
-static double seconds_since(const struct timespec *t0)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)(t.tv_sec - t0->tv_sec) + 1e-9 * (double)(t.tv_nsec - t0->tv_nsec);
-}
-
 /* ---- plan ---- */
 
 static kfac_status resolve_settings(kfac_prep_settings *s, int is_idx)
@@ -90,7 +83,8 @@ static kfac_status resolve_settings(kfac_prep_settings *s, int is_idx)
         return KFAC_ERR(KFAC_EINVAL, "--crop: %d, expected 0 (none) or 1 (center)",
                         s->center_crop);
     if (s->center_crop && s->resize == 0)
-        return KFAC_ERR(KFAC_EINVAL, "--crop center needs --resize > 0 (the crop is resize x resize)");
+        return KFAC_ERR(KFAC_EINVAL,
+                        "--crop center needs --resize > 0 (the crop is resize x resize)");
     if (s->jpeg_quality == KFAC_PREP_DEFAULT) s->jpeg_quality = KFAC_PREP_JPEG_QUALITY;
     if (s->jpeg_quality < 1 || s->jpeg_quality > 100)
         return KFAC_ERR(KFAC_EINVAL, "--quality: %d outside 1..100", s->jpeg_quality);
@@ -125,14 +119,15 @@ static size_t images_per_shard(const kfac_prep *p)
     return n ? (size_t)n : 1;
 }
 
-
 /* Files a run writes, so that earlier ones never mix with ours. */
 static int ours(const char *name)
 {
     if (!strcmp(name, "manifest.yaml") || !strcmp(name, "skipped.txt") ||
         !strcmp(name, "warnings.txt"))
         return 1;
-    const char *rest = !strncmp(name, "train-", 6) ? name + 6 : !strncmp(name, "val-", 4) ? name + 4 : NULL;
+    const char *rest = !strncmp(name, "train-", 6) ? name + 6
+                       : !strncmp(name, "val-", 4) ? name + 4
+                                                   : NULL;
     if (!rest || !*rest) return 0;
     while (*rest >= '0' && *rest <= '9') rest++;
     return !strcmp(rest, ".h5") || !strcmp(rest, ".h5.tmp");
@@ -371,7 +366,7 @@ static void progress_tick(kfac_prep *p)
 {
     size_t done = __atomic_add_fetch(&p->done, 1, __ATOMIC_RELAXED);
     if (!p->opt.on_progress || p->mpi.rank != 0) return;
-    double now = seconds_since(&p->t0);
+    double now = kfac__now_seconds() - p->t0;
     int64_t now_ns = (int64_t)(now * 1e9);
     int64_t next = __atomic_load_n(&p->next_progress, __ATOMIC_RELAXED);
     if (now_ns < next) return;
@@ -645,7 +640,7 @@ static kfac_status write_outputs(kfac_prep *p)
 kfac_status kfac_prep_run(kfac_prep *p, kfac_prep_report *report)
 {
     memset(report, 0, sizeof *report);
-    clock_gettime(CLOCK_MONOTONIC, &p->t0);
+    p->t0 = kfac__now_seconds();
     /* the first report after one interval: short runs print none */
     p->next_progress = (int64_t)((p->opt.progress_every > 0 ? p->opt.progress_every : 0.5) * 1e9);
     convert_all(p);
@@ -653,7 +648,7 @@ kfac_status kfac_prep_run(kfac_prep *p, kfac_prep_report *report)
     if (st != KFAC_OK) kfac__set_error(st, __FILE__, __LINE__, "%s", p->failure_message);
     KFAC_TRY(kfac__prep_mpi_agree(&p->mpi, st));
     if (p->opt.on_progress && p->mpi.rank == 0)
-        p->opt.on_progress(p->done, p->info.local_inputs, seconds_since(&p->t0), p->opt.user);
+        p->opt.on_progress(p->done, p->info.local_inputs, kfac__now_seconds() - p->t0, p->opt.user);
 
     bytes_out mine = {0};
     uint8_t *all = NULL;
@@ -674,7 +669,7 @@ kfac_status kfac_prep_run(kfac_prep *p, kfac_prep_report *report)
     p->report.skipped = p->skipped.v;
     p->report.num_warnings = p->warnings.n;
     p->report.warnings = p->warnings.v;
-    p->report.seconds = seconds_since(&p->t0);
+    p->report.seconds = kfac__now_seconds() - p->t0;
     *report = p->report;
     return KFAC_OK;
 }

@@ -222,8 +222,7 @@ uint64_t kfac__stage_bytes_needed(const stage_ctx *c, int resume)
     return need;
 }
 
-/* "12.3 GB", "512 kB", "17 B": decimal units, three digits. */
-static const char *human(uint64_t b, char buf[32])
+const char *kfac_stage_format_bytes(uint64_t b, char buf[32])
 {
     static const char *const units[] = {"B", "kB", "MB", "GB", "TB", "PB"};
     double v = (double)b;
@@ -246,7 +245,8 @@ kfac_status kfac__stage_check_space(stage_ctx *c, uint64_t need)
     char a[32], n[32], r[32];
     return KFAC_ERR(KFAC_EIO,
                     "%s: not enough space: %s free, staging needs %s more plus a %s reserve",
-                    c->dir, human(avail, a), human(need, n), human(reserve, r));
+                    c->dir, kfac_stage_format_bytes(avail, a), kfac_stage_format_bytes(need, n),
+                    kfac_stage_format_bytes(reserve, r));
 }
 
 /* ---- closing writes ---- */

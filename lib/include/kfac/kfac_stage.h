@@ -137,6 +137,10 @@ kfac_status kfac_stage_run(const kfac_stage_options *opt, kfac_topo *topo,
 kfac_status kfac_stage_gather(kfac_topo *topo, const kfac_stage_report *mine,
                               kfac_stage_report *all);
 
+/* "12.3 GB", "512 kB", "17 B": decimal units, three digits (for reports
+ * of staging). */
+const char *kfac_stage_format_bytes(uint64_t bytes, char buf[32]);
+
 /* The folder name for a dataset: "<basename>-<12 hex digits>" from the
  * folder path and its manifest's bytes (exposed for tests and scripts). */
 kfac_status kfac_stage_dir_name(const char *src_dir, const void *manifest_bytes, size_t n,
