@@ -189,6 +189,17 @@ static void test_conv(void)
     test_conv_case(5, 1, 1, 7, 5, 1, 1, 0, 1, 1, 1);  /* fully connected + bias */
     test_conv_case(3, 20, 20, 16, 8, 3, 1, 1, 1, 1, 0); /* many chunks over 2 threads */
     test_conv_case(1, 11, 13, 8, 8, 3, 2, 1, 0, 1, 0);  /* one image: uneven thread split */
+    /* Multiples of 16 output channels take the direct kernels (conv_direct.c):
+     * forward and dW always, dX by the flipped kernel at stride 1 with
+     * 16k input channels, else by GEMM + col2im. */
+    test_conv_case(2, 6, 5, 16, 16, 3, 1, 1, 1, 1, 1);  /* direct everything, + bias */
+    test_conv_case(3, 7, 6, 16, 32, 3, 2, 1, 0, 1, 1);  /* strided: dX by GEMM */
+    test_conv_case(2, 5, 5, 3, 16, 3, 1, 1, 0, 1, 1);   /* KW*C = 9: a 6-tile and a tail */
+    test_conv_case(1, 6, 6, 1, 16, 3, 1, 1, 0, 0, 1);   /* stem-like, C = 1 */
+    test_conv_case(2, 5, 5, 32, 16, 5, 1, 2, 0, 1, 0);  /* 5x5: flipped padding 2 */
+    test_conv_case(2, 5, 4, 16, 16, 3, 1, 0, 0, 1, 1);  /* unpadded: flipped padding 2 */
+    test_conv_case(2, 6, 6, 16, 16, 1, 2, 0, 0, 1, 1);  /* 1x1 stride 2 shortcut */
+    test_conv_case(5, 9, 7, 16, 48, 3, 1, 1, 0, 1, 0);  /* odd images over 2 threads */
 }
 
 /* ---- batch norm ---- */
@@ -345,6 +356,10 @@ static void test_unary(int op, const char *what, int n, int h, int w, int c, int
     size_t ny = op == 3 ? (size_t)n * u.pd.ho * u.pd.wo * c : op == 4 ? (size_t)n * c : u.n;
     u.x = spaced_values(u.n);
     u.b = spaced_values(u.n);
+    /* Sums near 0 sit on add+relu's kink, where central differences fail. */
+    for (size_t i = 0; i < u.n; i++)
+        if (fabs(u.x[i] + u.b[i]) < 1e-2) u.b[i] += u.x[i] + u.b[i] < 0 ? -2e-2 : 2e-2;
+    round_to_float(u.b, u.n);
     double *r = rand_d(ny, 1.0), *yref = malloc(ny * sizeof *yref);
     round_to_float(r, ny);
     unary_ref(&u, yref);

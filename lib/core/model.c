@@ -57,6 +57,7 @@ struct kfac_model {
     void *hook_user;
     float bn_momentum;
     int32_t *sampled_labels;  /* max_batch labels for kfac_model_loss_sampled */
+    int32_t *labels;          /* backend memory: max_batch labels the loss reads */
     float *host_logits;       /* max_batch x classes, its host copy of the logits */
     int finalized;
     double macs;
@@ -395,6 +396,7 @@ kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed)
     KFAC_TRY(be->alloc(be, m->arena_bytes, &m->arena));
     KFAC_TRY(be->alloc(be, m->workspace_bytes ? m->workspace_bytes : 64, &m->workspace));
     KFAC_TRY(be->alloc(be, flat * sizeof(float), &flat_mem));
+    KFAC_TRY(be->alloc(be, (size_t)m->max_batch * sizeof(int32_t), (void **)&m->labels));
     size_t placed;
     KFAC_TRY(plan_arena(m, m->arena, &placed));
     m->params_data = flat_mem;
@@ -425,6 +427,7 @@ void kfac_model_free(kfac_model *m)
         if (m->arena) m->be->release(m->be, m->arena);
         if (m->workspace) m->be->release(m->be, m->workspace);
         if (m->params_data) m->be->release(m->be, m->params_data);
+        if (m->labels) m->be->release(m->be, m->labels);
     }
     free(m->sampled_labels);
     free(m->host_logits);
@@ -517,8 +520,9 @@ kfac_status kfac_model_forward(kfac_model *m, int n, kfac_mode mode)
     if (n < 1 || n > m->max_batch)
         return KFAC_ERR(KFAC_EINVAL, "model: batch %d outside [1, %d]", n, m->max_batch);
     if (mode == KFAC_MODE_TRAIN) return forward_range(m, 0, n, mode);
-    /* Each chunk must keep every thread busy, so scale it with threads. */
-    int chunk = eval_chunk(m) * m->be->threads;
+    /* Each chunk must keep every thread busy, so scale it with threads;
+     * a GPU wants the whole batch at once. */
+    int chunk = m->be->cache_chunks ? eval_chunk(m) * m->be->threads : n;
     for (int n0 = 0; n0 < n; n0 += chunk)
         KFAC_TRY(forward_range(m, n0, n - n0 < chunk ? n - n0 : chunk, mode));
     return KFAC_OK;
@@ -531,7 +535,10 @@ kfac_status kfac_model_loss(kfac_model *m, int n, const int32_t *labels, float s
     if (logits->h != 1 || logits->w != 1)
         return KFAC_ERR(KFAC_EINVAL, "model: last layer is not a classifier (%dx%dx%d)", logits->h,
                         logits->w, logits->c);
-    KFAC_TRY(m->be->softmax_xent(m->be, n, logits->c, logits->data, labels, smoothing,
+    if (n < 1 || n > m->max_batch)
+        return KFAC_ERR(KFAC_EINVAL, "model: batch %d outside [1, %d]", n, m->max_batch);
+    KFAC_TRY(m->be->upload(m->be, m->labels, labels, (size_t)n * sizeof *labels));
+    KFAC_TRY(m->be->softmax_xent(m->be, n, logits->c, logits->data, m->labels, smoothing,
                                  logits->grad, loss_sum, correct));
     return KFAC_OK;
 }
@@ -627,8 +634,9 @@ kfac_status kfac_model_loss_sampled(kfac_model *m, int n, uint64_t seed)
     KFAC_TRY(st);
     double loss;
     int correct;
-    return m->be->softmax_xent(m->be, n, classes, logits->data, m->sampled_labels, 0.0f,
-                               logits->grad, &loss, &correct);
+    KFAC_TRY(m->be->upload(m->be, m->labels, m->sampled_labels, (size_t)n * sizeof(int32_t)));
+    return m->be->softmax_xent(m->be, n, classes, logits->data, m->labels, 0.0f, logits->grad,
+                               &loss, &correct);
 }
 
 /* ---- what K-FAC sees ---- */

@@ -739,6 +739,9 @@ static kfac_status precondition_owned(kfac_precond *p, double epoch, float lr)
             for (size_t e = 0; e < L->grad_len; e++) p->gbuf[L->grad_off + e] *= (float)scale;
         }
     p->stats.last_kl_scale = scale;
+    p->stats.kl_scale_sum += scale;
+    p->stats.kl_steps++;
+    p->stats.kl_clipped += scale < 1.0;
     p->stats.seconds_comm += t2 - t1;
     p->stats.seconds_precondition += (t1 - t0) + (kfac__now_seconds() - t2);
     return KFAC_OK;

@@ -130,6 +130,19 @@ static int loader_threads(const trainer *t)
     return cores > 0 ? (int)cores : 1;
 }
 
+/* The loader's allocator hook on the backend's host memory. */
+static void *backend_host_alloc(size_t bytes, void *user)
+{
+    kfac_backend *be = user;
+    return be->host_alloc(be, bytes);
+}
+
+static void backend_host_release(void *ptr, void *user)
+{
+    kfac_backend *be = user;
+    be->host_release(be, ptr);
+}
+
 static kfac_status open_data(trainer *t)
 {
     const kfac_job *job = t->job;
@@ -166,6 +179,11 @@ static kfac_status open_data(trainer *t)
         .piece = t->micro_size,
         .depth = job->data.prefetch,
     };
+    if (t->be->host_alloc) { /* pieces the backend uploads fastest from */
+        lc.alloc = backend_host_alloc;
+        lc.release = backend_host_release;
+        lc.alloc_user = t->be;
+    }
     KFAC_TRY(kfac_loader_init(&t->train_loader, t->train_batches, &lc));
     /* Un-augmented images: center crops, after val_resize. */
     cfg.augment = KFAC_AUGMENT_NONE;
@@ -445,8 +463,11 @@ static void write_metrics(FILE *f, const kfac_epoch_metrics *m, int kfac, int ra
         fprintf(f, ", \"test_loss_precise_bn\": %.6f, \"test_acc_precise_bn\": %.6f",
                 m->test_loss_precise_bn, m->test_acc_precise_bn);
     if (kfac)
-        fprintf(f, ", \"kfac_capture_s\": %.3f, \"kfac_invert_s\": %.3f, \"kfac_precondition_s\": %.3f",
-                m->seconds_capture, m->seconds_invert, m->seconds_precondition);
+        fprintf(f,
+                ", \"kfac_capture_s\": %.3f, \"kfac_invert_s\": %.3f, \"kfac_precondition_s\": %.3f, "
+                "\"kfac_kl_scale_mean\": %.4g, \"kfac_kl_clipped_fraction\": %.3f",
+                m->seconds_capture, m->seconds_invert, m->seconds_precondition, m->kl_scale_mean,
+                m->kl_clipped_fraction);
     if (ranks > 1) {
         fprintf(f, ", \"ranks\": %d, \"kfac_comm_s\": %.3f, \"bytes_per_step\": {", ranks,
                 m->seconds_comm);
@@ -539,6 +560,7 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
         cb->on_start(summary, cb->user);
     }
     long step = 0;
+    kfac_precond_stats kfac_before = {0};
     kfac_epoch_metrics em = {.test_acc_precise_bn = -1, .test_loss_precise_bn = -1};
     for (int epoch = 0; epoch < job->train.epochs; epoch++) {
         if (job->train.max_steps > 0 && step >= job->train.max_steps) break;
@@ -556,6 +578,11 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
             em.seconds_invert = ks.seconds_invert;
             em.seconds_precondition = ks.seconds_precondition;
             em.seconds_comm = ks.seconds_comm;
+            long kl_steps = ks.kl_steps - kfac_before.kl_steps;
+            em.kl_scale_mean = kl_steps ? (ks.kl_scale_sum - kfac_before.kl_scale_sum) / kl_steps : 1;
+            em.kl_clipped_fraction =
+                kl_steps ? (double)(ks.kl_clipped - kfac_before.kl_clipped) / kl_steps : 0;
+            kfac_before = ks;
         }
         em.epoch = epoch + 1;
         em.step = step;

@@ -46,6 +46,7 @@ kfac_status kfac_backend_cpu_init(int threads, kfac_backend **out)
     cpu->reduce_scratch = scratch;
     be->name = "cpu";
     be->threads = threads;
+    be->cache_chunks = 1;
     /* OpenBLAS (OpenMP build) sizes its own teams from this when called
      * outside our parallel regions: keep it to the backend's threads, or
      * ranks sharing a node oversubscribe it. */

@@ -10,6 +10,9 @@
  * images, so col2im scatters never overlap) in chunks of CHUNK_FLOATS patch
  * floats, so the patch matrix stays in L2 while the GEMM consumes it and a
  * batch of 2048 runs as fast per image as a batch of 64.
+ * Where the direct kernels apply (conv_direct.c: multiples of 16 output
+ * channels, AVX2) they replace im2col + GEMM image by image; the input
+ * gradient of strided convolutions still goes through GEMM + col2im.
  */
 #include <omp.h>
 #include <string.h>
@@ -38,34 +41,44 @@ static size_t chunk_rows(const kfac_conv_desc *d)
     return rows < MIN_CHUNK_ROWS ? MIN_CHUNK_ROWS : rows;
 }
 
-/* Per-thread workspace: cols, dcols (chunk_rows x KD each), a private
- * dW (K x KD) and a private db (K doubles). */
+/* Workspace: for the direct kernels, the transposed and the flipped
+ * weights (K x KD each, shared), then per thread: cols, dcols (chunk_rows x
+ * KD each), a private dW (K x KD; transposed, KD x K, on the direct path), a
+ * private db (K doubles) and the direct kernels' padded image. */
 typedef struct thread_ws {
     float *cols, *dcols, *dw;
     double *db;
+    float *padded;
 } thread_ws;
+
+static size_t shared_floats(const kfac_conv_desc *d)
+{
+    return kfac__cpu_direct_ok(d) ? 2 * round_up((size_t)d->k * patch_len(d)) : 0;
+}
 
 static size_t thread_ws_floats(const kfac_conv_desc *d)
 {
     size_t chunk = round_up(chunk_rows(d) * patch_len(d));
-    return 2 * chunk + round_up((size_t)d->k * patch_len(d)) + round_up(2 * (size_t)d->k);
+    size_t padded = kfac__cpu_direct_ok(d) ? round_up(kfac__cpu_direct_scratch_floats(d)) : 0;
+    return 2 * chunk + round_up((size_t)d->k * patch_len(d)) + round_up(2 * (size_t)d->k) + padded;
 }
 
 static thread_ws thread_ws_at(const kfac_conv_desc *d, void *ws, int t)
 {
-    size_t chunk = round_up(chunk_rows(d) * patch_len(d));
-    float *base = (float *)ws + (size_t)t * thread_ws_floats(d);
+    size_t chunk = round_up(chunk_rows(d) * patch_len(d)), dw = round_up((size_t)d->k * patch_len(d));
+    float *base = (float *)ws + shared_floats(d) + (size_t)t * thread_ws_floats(d);
     thread_ws tw;
     tw.cols = base;
     tw.dcols = base + chunk;
     tw.dw = base + 2 * chunk;
-    tw.db = (double *)(base + 2 * chunk + round_up((size_t)d->k * patch_len(d)));
+    tw.db = (double *)(base + 2 * chunk + dw);
+    tw.padded = base + 2 * chunk + dw + round_up(2 * (size_t)d->k);
     return tw;
 }
 
 size_t kfac__cpu_conv_workspace(const kfac_backend *be, const kfac_conv_desc *d)
 {
-    return (size_t)be->threads * thread_ws_floats(d) * sizeof(float);
+    return (shared_floats(d) + (size_t)be->threads * thread_ws_floats(d)) * sizeof(float);
 }
 
 /* The [first, end) share of `total` items for thread t of nt. */
@@ -187,11 +200,42 @@ static void col2im_add(const kfac_conv_desc *d, const float *dcols, size_t row0,
     }
 }
 
+static void add_bias(const float *bias, size_t rows, size_t k, float *y)
+{
+    for (size_t i = 0; i < rows; i++)
+        for (size_t j = 0; j < k; j++) y[i * k + j] += bias[j];
+}
+
+/* Image by image with the direct kernel, images split over threads. */
+static void conv_forward_direct(kfac_backend *be, const kfac_conv_desc *d, const float *x,
+                                const float *w, const float *bias, float *y, void *ws)
+{
+    const size_t image = (size_t)d->h * d->w * d->c, plane = (size_t)d->ho * d->wo;
+    float *wt = ws;
+    kfac__cpu_direct_transpose_weights(d, w, wt);
+#pragma omp parallel num_threads(be->threads)
+    {
+        int t = omp_get_thread_num();
+        thread_ws tw = thread_ws_at(d, ws, t);
+        size_t first, end;
+        split_range((size_t)d->n, t, omp_get_num_threads(), &first, &end);
+        for (size_t n = first; n < end; n++) {
+            float *out = y + n * plane * d->k;
+            kfac__cpu_direct_forward_image(d, x + n * image, wt, out, tw.padded);
+            if (bias) add_bias(bias, plane, (size_t)d->k, out);
+        }
+    }
+}
+
 kfac_status kfac__cpu_conv_forward(kfac_backend *be, const kfac_conv_desc *d, const float *x,
                                    const float *w, const float *bias, float *y, void *ws)
 {
     const size_t total = (size_t)d->n * d->ho * d->wo, kd = patch_len(d), k = (size_t)d->k;
     const size_t cr = chunk_rows(d);
+    if (kfac__cpu_direct_ok(d)) {
+        conv_forward_direct(be, d, x, w, bias, y, ws);
+        return KFAC_OK;
+    }
 #pragma omp parallel num_threads(be->threads)
     {
         int t = omp_get_thread_num();
@@ -204,12 +248,27 @@ kfac_status kfac__cpu_conv_forward(kfac_backend *be, const kfac_conv_desc *d, co
             float *out = y + r * k;
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)k, (int)kd, 1.0f,
                         a, (int)kd, w, (int)kd, 0.0f, out, (int)k);
-            if (bias)
-                for (size_t i = 0; i < rows; i++)
-                    for (size_t j = 0; j < k; j++) out[i * k + j] += bias[j];
+            if (bias) add_bias(bias, rows, k, out);
         }
     }
     return KFAC_OK;
+}
+
+static void add_db(const float *g, size_t rows, size_t k, double *db)
+{
+    for (size_t i = 0; i < rows; i++)
+        for (size_t j = 0; j < k; j++) db[j] += g[i * k + j];
+}
+
+/* Input gradient of output rows [r, r+rows) of a non-pointwise convolution:
+ * dcols = dy * W, scattered back onto dx. */
+static void input_grad_gemm(const kfac_conv_desc *d, const float *w, const float *g, size_t r,
+                            size_t rows, float *dcols, float *dx)
+{
+    const size_t kd = patch_len(d), k = (size_t)d->k;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)kd, (int)k, 1.0f, g,
+                (int)k, w, (int)kd, 0.0f, dcols, (int)kd);
+    col2im_add(d, dcols, r, rows, dx);
 }
 
 /* One thread's share of the backward pass over images [n_first, n_end). */
@@ -230,19 +289,43 @@ static void conv_backward_images(const kfac_conv_desc *d, const float *x, const 
         const float *a = kfac__cpu_patch_rows(d, x, r, rows, tw.cols);
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)k, (int)kd, (int)rows, 1.0f, g,
                     (int)k, a, (int)kd, 1.0f, tw.dw, (int)kd);
-        if (want_db)
-            for (size_t i = 0; i < rows; i++)
-                for (size_t j = 0; j < k; j++) tw.db[j] += g[i * k + j];
+        if (want_db) add_db(g, rows, k, tw.db);
         if (!dx) continue;
-        if (pointwise) {
+        if (pointwise)
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)kd, (int)k,
                         1.0f, g, (int)k, w, (int)kd, accumulate ? 1.0f : 0.0f, dx + r * kd,
                         (int)kd);
-        } else {
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)kd, (int)k,
-                        1.0f, g, (int)k, w, (int)kd, 0.0f, tw.dcols, (int)kd);
-            col2im_add(d, tw.dcols, r, rows, dx);
+        else
+            input_grad_gemm(d, w, g, r, rows, tw.dcols, dx);
+    }
+}
+
+/* The same with the direct kernels, image by image: dW transposed (KD x K)
+ * into tw.dw; dx by the flipped kernel wf where that applies, else by
+ * GEMM + col2im. */
+static void conv_backward_images_direct(const kfac_conv_desc *d, const float *x, const float *w,
+                                        const float *wf, const float *dy, float *dx,
+                                        int accumulate, int want_db, thread_ws tw,
+                                        size_t n_first, size_t n_end)
+{
+    const size_t plane = (size_t)d->ho * d->wo, kd = patch_len(d), k = (size_t)d->k;
+    const size_t cr = chunk_rows(d), image = (size_t)d->h * d->w * d->c;
+    const int flip = kfac__cpu_direct_input_grad_ok(d);
+    memset(tw.dw, 0, k * kd * sizeof(float));
+    memset(tw.db, 0, k * sizeof(double));
+    if (dx && !accumulate && !flip)
+        memset(dx + n_first * image, 0, (n_end - n_first) * image * sizeof(float));
+    for (size_t n = n_first; n < n_end; n++) {
+        const float *g = dy + n * plane * k;
+        kfac__cpu_direct_weight_grad_image(d, x + n * image, g, tw.dw, tw.padded);
+        if (want_db) add_db(g, plane, k, tw.db);
+        if (!dx) continue;
+        if (flip) {
+            kfac__cpu_direct_input_grad_image(d, g, wf, dx + n * image, accumulate, tw.padded);
+            continue;
         }
+        for (size_t r = n * plane, end = r + plane; r < end; r += cr)
+            input_grad_gemm(d, w, dy + r * k, r, end - r < cr ? end - r : cr, tw.dcols, dx);
     }
 }
 
@@ -251,20 +334,29 @@ kfac_status kfac__cpu_conv_backward(kfac_backend *be, const kfac_conv_desc *d, c
                                     float *dw, float *db, void *ws)
 {
     const size_t kd = patch_len(d), k = (size_t)d->k;
+    const int direct = kfac__cpu_direct_ok(d);
+    float *wf = (float *)ws + round_up(k * kd);
+    if (direct && dx && kfac__cpu_direct_input_grad_ok(d)) kfac__cpu_direct_flip_weights(d, w, wf);
 #pragma omp parallel num_threads(be->threads)
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         size_t first, end;
         split_range((size_t)d->n, t, nt, &first, &end);
-        conv_backward_images(d, x, w, dy, dx, accumulate, db != NULL, thread_ws_at(d, ws, t), first,
-                             end);
+        thread_ws tw = thread_ws_at(d, ws, t);
+        if (direct)
+            conv_backward_images_direct(d, x, w, wf, dy, dx, accumulate, db != NULL, tw, first, end);
+        else
+            conv_backward_images(d, x, w, dy, dx, accumulate, db != NULL, tw, first, end);
 #pragma omp barrier
         /* Sum the private partials in thread order (deterministic). */
         size_t lo, hi;
         split_range(k * kd, t, nt, &lo, &hi);
+        const float *partial[nt];
+        for (int u = 0; u < nt; u++) partial[u] = thread_ws_at(d, ws, u).dw;
         for (size_t i = lo; i < hi; i++) {
+            size_t at = direct ? (i % kd) * k + i / kd : i; /* (o, j) of KD x K */
             float s = 0.0f;
-            for (int u = 0; u < nt; u++) s += thread_ws_at(d, ws, u).dw[i];
+            for (int u = 0; u < nt; u++) s += partial[u][at];
             dw[i] = s;
         }
         if (db && t == 0)

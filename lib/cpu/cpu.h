@@ -32,6 +32,22 @@ int kfac__cpu_conv_is_pointwise(const kfac_conv_desc *d);
 const float *kfac__cpu_patch_rows(const kfac_conv_desc *d, const float *x, size_t row0,
                                   size_t rows, float *cols);
 
+/* conv_direct.c: convolutions without the patch matrix (see there). */
+int kfac__cpu_direct_ok(const kfac_conv_desc *d);
+int kfac__cpu_direct_input_grad_ok(const kfac_conv_desc *d);
+size_t kfac__cpu_direct_scratch_floats(const kfac_conv_desc *d); /* padded image, per thread */
+void kfac__cpu_direct_transpose_weights(const kfac_conv_desc *d, const float *w, float *wt);
+void kfac__cpu_direct_flip_weights(const kfac_conv_desc *d, const float *w, float *wf);
+/* One image: y(HO*WO, K) = conv(x); wt from kfac__cpu_direct_transpose_weights. */
+void kfac__cpu_direct_forward_image(const kfac_conv_desc *d, const float *x, const float *wt,
+                                    float *y, float *scratch);
+/* One image: dx (+)= the input gradient of dy; wf from kfac__cpu_direct_flip_weights. */
+void kfac__cpu_direct_input_grad_image(const kfac_conv_desc *d, const float *dy, const float *wf,
+                                       float *dx, int accumulate, float *scratch);
+/* One image: dwt(KD, K) += patches^T dy. */
+void kfac__cpu_direct_weight_grad_image(const kfac_conv_desc *d, const float *x, const float *dy,
+                                        float *dwt, float *scratch);
+
 size_t kfac__cpu_conv_workspace(const kfac_backend *be, const kfac_conv_desc *d);
 kfac_status kfac__cpu_conv_forward(kfac_backend *be, const kfac_conv_desc *d, const float *x,
                                    const float *w, const float *bias, float *y, void *ws);

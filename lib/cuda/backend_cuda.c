@@ -16,22 +16,57 @@
         return KFAC_OK;                                                              \
     } while (0)
 
+/* Device bytes held: `freed` bytes given back, then `taken` allocated. */
+static void count_bytes(kfac_cuda *cu, size_t taken, size_t freed)
+{
+    cu->bytes_held = cu->bytes_held - freed + taken;
+    if (cu->bytes_held > cu->bytes_peak) cu->bytes_peak = cu->bytes_held;
+}
+
 static kfac_status ensure_scratch(kfac_cuda *cu, size_t bytes)
 {
     if (bytes <= cu->scratch_bytes) return KFAC_OK;
     /* Work queued earlier may still read the old buffer. */
     KFAC_CUDA_CHECK(cudaStreamSynchronize(cu->stream));
     cudaFree(cu->scratch);
+    count_bytes(cu, 0, cu->scratch_bytes);
     cu->scratch = NULL;
     cu->scratch_bytes = 0;
     size_t round = (size_t)1 << 20;
     bytes = (bytes + round - 1) / round * round;
     KFAC_CUDA_CHECK_AS("scratch allocation", cudaMalloc(&cu->scratch, bytes));
     cu->scratch_bytes = bytes;
+    count_bytes(cu, bytes, 0);
     return KFAC_OK;
 }
 
 /* ---- memory ---- */
+
+/* cudaFree does not say how many bytes it gave back, so each block's size
+ * is kept here (a model makes a handful of blocks: the search is short). */
+static kfac_status remember_block(kfac_cuda *cu, void *ptr, size_t bytes)
+{
+    if (cu->nblocks == cu->cap_blocks) {
+        int cap = cu->cap_blocks ? 2 * cu->cap_blocks : 16;
+        kfac_cuda_block *b = realloc(cu->blocks, (size_t)cap * sizeof *b);
+        if (!b) return KFAC_ERR(KFAC_ENOMEM, "cuda: cannot grow the table of device blocks");
+        cu->blocks = b;
+        cu->cap_blocks = cap;
+    }
+    cu->blocks[cu->nblocks++] = (kfac_cuda_block){ptr, bytes};
+    count_bytes(cu, bytes, 0);
+    return KFAC_OK;
+}
+
+static void forget_block(kfac_cuda *cu, void *ptr)
+{
+    for (int i = cu->nblocks - 1; i >= 0; i--)
+        if (cu->blocks[i].ptr == ptr) {
+            count_bytes(cu, 0, cu->blocks[i].bytes);
+            cu->blocks[i] = cu->blocks[--cu->nblocks];
+            return;
+        }
+}
 
 static kfac_status cuda_alloc(kfac_backend *be, size_t bytes, void **ptr)
 {
@@ -46,12 +81,42 @@ static kfac_status cuda_alloc(kfac_backend *be, size_t bytes, void **ptr)
                         "cuda: cannot allocate %zu bytes of device memory (%zu of %zu MiB free): %s",
                         bytes, free_b >> 20, total_b >> 20, cudaGetErrorString(e));
     }
-    return KFAC_OK;
+    kfac_status st = remember_block(kfac__cuda(be), *ptr, bytes ? bytes : 1);
+    if (st != KFAC_OK) {
+        cudaFree(*ptr);
+        *ptr = NULL;
+    }
+    return st;
 }
 
 static void cuda_release(kfac_backend *be, void *ptr)
 {
-    if (ptr && cudaFree(ptr) != cudaSuccess) (void)cudaGetLastError();
+    if (!ptr) return;
+    forget_block(kfac__cuda(be), ptr);
+    if (cudaFree(ptr) != cudaSuccess) (void)cudaGetLastError();
+}
+
+/* Pinned and portable (any context may copy from it); NULL on failure. */
+static void *cuda_host_alloc(kfac_backend *be, size_t bytes)
+{
+    (void)be;
+    void *ptr = NULL;
+    if (cudaHostAlloc(&ptr, bytes ? bytes : 1, cudaHostAllocPortable) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return NULL;
+    }
+    return ptr;
+}
+
+static void cuda_host_release(kfac_backend *be, void *ptr)
+{
+    (void)be;
+    if (ptr && cudaFreeHost(ptr) != cudaSuccess) (void)cudaGetLastError();
+}
+
+static size_t cuda_peak_bytes(const kfac_backend *be)
+{
+    return ((const kfac_cuda *)be->impl)->bytes_peak;
 }
 
 static kfac_status cuda_upload(kfac_backend *be, void *dst, const void *src, size_t bytes)
@@ -238,6 +303,7 @@ static void cuda_destroy(kfac_backend *be)
         if (cu->stream) cudaStreamDestroy(cu->stream);
         (void)cudaGetLastError();
     }
+    if (cu) free(cu->blocks);
     free(cu);
     free(be);
 }
@@ -285,6 +351,7 @@ static kfac_status cuda_setup(kfac_cuda *cu, int device)
     KFAC_CUBLAS_CHECK(cublasSetStream(cu->cublas, cu->stream));
     KFAC_TRY(cudnn_setup(cu));
     KFAC_CUDA_CHECK(cudaMalloc((void **)&cu->xent_result, sizeof *cu->xent_result));
+    count_bytes(cu, sizeof *cu->xent_result, 0);
     return KFAC_OK;
 }
 
@@ -305,9 +372,12 @@ kfac_status kfac_backend_cuda_init(int device, kfac_backend **out)
         return st;
     }
     be->name = "cuda";
-    be->threads = 1; /* the model scales host-side chunking by this */
+    be->threads = 1;
     be->alloc = cuda_alloc;
     be->release = cuda_release;
+    be->peak_bytes = cuda_peak_bytes;
+    be->host_alloc = cuda_host_alloc;
+    be->host_release = cuda_host_release;
     be->upload = cuda_upload;
     be->download = cuda_download;
     be->fill = cuda_fill;

@@ -18,6 +18,12 @@
 #include "kfac/kfac_backend.h"
 #include "../../kernels/kernels.h"
 
+/* One cuda_alloc block: cudaFree does not report sizes (peak_bytes). */
+typedef struct kfac_cuda_block {
+    void *ptr;
+    size_t bytes;
+} kfac_cuda_block;
+
 typedef struct kfac_cuda {
     int device;
     char device_name[256];
@@ -29,6 +35,9 @@ typedef struct kfac_cuda {
     void *scratch;                   /* batch-norm and loss scratch, grown on demand */
     size_t scratch_bytes;
     kfac_k_xent_result *xent_result; /* device */
+    kfac_cuda_block *blocks;         /* live cuda_alloc blocks (model arena, cuDNN */
+    int nblocks, cap_blocks;         /* workspace, parameters, optimizer state) */
+    size_t bytes_held, bytes_peak;   /* blocks + scratch + xent_result; peak_bytes */
 } kfac_cuda;
 
 static inline kfac_cuda *kfac__cuda(kfac_backend *be) { return (kfac_cuda *)be->impl; }

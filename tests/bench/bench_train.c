@@ -3,11 +3,20 @@
  *   {"name": ..., "value": ..., "unit": ..., ...}
  * Usage: bench_train [--model NAME] [--batch N] [--mode train|infer|sgemm]
  *                    [--optimizer sgd|kfac] [--threads T] [--seconds S]
+ *                    [--device cpu|cuda]
  * With --optimizer kfac the step is K-FAC's with its default refresh
  * intervals (averaged over at least one full inverse interval), and the
  * seconds spent in its stages are reported beside images/s.
  * Peak resident memory of the process is reported with each figure (run one
- * configuration per process to compare it). */
+ * configuration per process to compare it).
+ *
+ * --device cuda (SGD, train or infer): the same step on the CUDA backend,
+ * reported as kfac_{mode}_{model}_b{batch}_cuda_fp32 (_tf32 under
+ * KFAC_CUDNN_TF32=1) with the backend's peak device memory (model arena
+ * with cuDNN workspace, parameters, gradients, momentum, scratch; not the
+ * CUDA context or library handles, as torch.cuda.max_memory_allocated).
+ * Every timed step ends with a wait for the device, so the time covers
+ * finished GPU work. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +50,33 @@ static int die(const char *what)
     return 1;
 }
 
+static int usage(const char *why)
+{
+    if (why) fprintf(stderr, "bench_train: %s\n", why);
+    fprintf(stderr, "usage: bench_train [--model M] [--batch N] [--mode train|infer|sgemm] "
+                    "[--optimizer sgd|kfac] [--threads T] [--seconds S] [--device cpu|cuda]\n");
+    return 2;
+}
+
+/* Waits for the work queued on a device backend: download synchronizes. */
+static kfac_status finish(kfac_backend *be, kfac_model *m)
+{
+    float first;
+    return be->download(be, &first, kfac_model_logits(m), sizeof first);
+}
+
+/* The CUDA figure's line; precision as the backend runs its convolutions. */
+static void print_cuda(const kfac_backend *be, const char *mode, const char *model, int batch,
+                       double ips, double gflops)
+{
+    const char *tf32 = getenv("KFAC_CUDNN_TF32");
+    double peak = be->peak_bytes ? be->peak_bytes(be) / 1048576.0 : -1;
+    printf("{\"name\": \"kfac_%s_%s_b%d_cuda_%s\", \"value\": %.1f, \"unit\": \"images/s\", "
+           "\"step_ms\": %.2f, \"gflops\": %.1f, \"peak_gpu_mib\": %.1f}\n",
+           mode, model, batch, tf32 && !strcmp(tf32, "1") ? "tf32" : "fp32", ips, 1e3 * batch / ips,
+           gflops, peak);
+}
+
 /* sgemm GFLOP/s on `threads` threads: 1536^3 products, best of several. */
 static double sgemm_peak(int threads)
 {
@@ -64,7 +100,8 @@ static double sgemm_peak(int threads)
 
 int main(int argc, char **argv)
 {
-    const char *model_name = "resnet8-fmnist", *mode = "train", *optimizer = "sgd";
+    const char *model_name = "resnet8-fmnist", *mode = "train", *optimizer = "sgd",
+               *device = "cpu";
     int batch = 256, threads = 2;
     double seconds = 10;
     for (int i = 1; i + 1 < argc; i += 2) {
@@ -74,12 +111,15 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--optimizer")) optimizer = argv[i + 1];
         else if (!strcmp(argv[i], "--threads")) threads = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--seconds")) seconds = atof(argv[i + 1]);
-        else {
-            fprintf(stderr, "usage: bench_train [--model M] [--batch N] [--mode train|infer|sgemm] "
-                            "[--optimizer sgd|kfac] [--threads T] [--seconds S]\n");
-            return 2;
-        }
+        else if (!strcmp(argv[i], "--device")) device = argv[i + 1];
+        else return usage(NULL);
     }
+    int gpu = !strcmp(device, "cuda");
+    if (!gpu && strcmp(device, "cpu")) return usage("--device: cpu or cuda");
+    if (gpu && !strcmp(mode, "sgemm"))
+        return usage("--mode sgemm measures the CPU's BLAS; it takes no --device cuda");
+    if (gpu && strcmp(optimizer, "sgd"))
+        return usage("--device cuda runs --optimizer sgd only (K-FAC runs on the cpu device)");
     if (!strcmp(mode, "sgemm")) {
         printf("{\"name\": \"sgemm_peak_%dthreads\", \"value\": %.1f, \"unit\": \"GFLOP/s\"}\n",
                threads, sgemm_peak(threads));
@@ -89,7 +129,7 @@ int main(int argc, char **argv)
     kfac_backend *be;
     kfac_model *m;
     kfac_sgd *sgd;
-    if (kfac_backend_get("cpu", threads, &be)) return die("backend");
+    if (kfac_backend_get(device, threads, &be)) return die("backend");
     if (kfac_resnet_build(model_name, NULL, be, batch, 1, &m)) return die("model");
     kfac_sgd_config cfg = {.momentum = 0.9f, .nesterov = 1, .weight_decay = 5e-4f};
     if (kfac_sgd_init(&sgd, m, &cfg)) return die("sgd");
@@ -101,14 +141,23 @@ int main(int argc, char **argv)
     kfac_model_input_shape(m, &h, &w, &c);
     kfac_rng rng;
     kfac_rng_seed(&rng, 7);
-    float *x = kfac_model_input(m);
-    for (size_t i = 0; i < (size_t)batch * h * w * c; i++) x[i] = (float)kfac_rng_normal(&rng);
+    size_t floats = (size_t)batch * h * w * c;
+    float *x = gpu ? malloc(floats * sizeof *x) : kfac_model_input(m); /* (batch, h, w, c) */
+    if (!x) {
+        fprintf(stderr, "bench_train: cannot allocate %zu floats of host input\n", floats);
+        return 1;
+    }
+    for (size_t i = 0; i < floats; i++) x[i] = (float)kfac_rng_normal(&rng);
     int32_t *labels = malloc(batch * sizeof *labels);
     for (int i = 0; i < batch; i++) labels[i] = (int32_t)kfac_rng_below(&rng, kfac_model_classes(m));
+    if (gpu) { /* the model's input is device memory there */
+        if (be->upload(be, kfac_model_input(m), x, floats * sizeof *x)) return die("upload");
+        free(x);
+    }
     long images = 0;
     double t0 = 0;
     /* K-FAC: time steps after its warm-up, over whole inverse intervals. */
-    int warm = kfac ? kcfg.warmup_steps : 2, period = kfac ? kcfg.inverse_interval : 1;
+    int warm = kfac ? kcfg.warmup_steps : gpu ? 3 : 2, period = kfac ? kcfg.inverse_interval : 1;
     kfac_precond_stats before = {0}, after = {0};
     for (int it = 0;; it++) {
         if (it == warm) {
@@ -127,6 +176,7 @@ int main(int argc, char **argv)
             if (train && kfac_model_backward(m, batch)) return die("backward");
         }
         if (train && kfac_sgd_step(sgd, 0.01f)) return die("sgd");
+        if (gpu && finish(be, m)) return die("synchronize");
         if (it >= warm) images += batch;
         if (it >= warm + 2 && (it + 1 - warm) % period == 0 && now() - t0 > seconds) break;
     }
@@ -135,16 +185,21 @@ int main(int argc, char **argv)
     double macs = kfac_model_macs_per_image(m);
     double gflops = ips * macs * 2 * (train ? 3 : 1) / 1e9;
     double elapsed = now() - t0;
-    printf("{\"name\": \"kfac_%s%s_%s_b%d\", \"value\": %.1f, \"unit\": \"images/s\", "
-           "\"step_ms\": %.2f, \"gflops\": %.1f, \"peak_rss_mib\": %.1f, \"threads\": %d",
-           mode, kfac ? "_kfac" : "", model_name, batch, ips, 1e3 * batch / ips, gflops,
-           peak_rss_mib(), threads);
-    if (kfac)
-        printf(", \"capture_share\": %.3f, \"invert_share\": %.3f, \"precondition_share\": %.3f",
-               (after.seconds_capture - before.seconds_capture) / elapsed,
-               (after.seconds_invert - before.seconds_invert) / elapsed,
-               (after.seconds_precondition - before.seconds_precondition) / elapsed);
-    printf("}\n");
+    if (gpu) {
+        print_cuda(be, mode, model_name, batch, ips, gflops);
+    } else {
+        printf("{\"name\": \"kfac_%s%s_%s_b%d\", \"value\": %.1f, \"unit\": \"images/s\", "
+               "\"step_ms\": %.2f, \"gflops\": %.1f, \"peak_rss_mib\": %.1f, \"threads\": %d",
+               mode, kfac ? "_kfac" : "", model_name, batch, ips, 1e3 * batch / ips, gflops,
+               peak_rss_mib(), threads);
+        if (kfac)
+            printf(", \"capture_share\": %.3f, \"invert_share\": %.3f, "
+                   "\"precondition_share\": %.3f",
+                   (after.seconds_capture - before.seconds_capture) / elapsed,
+                   (after.seconds_invert - before.seconds_invert) / elapsed,
+                   (after.seconds_precondition - before.seconds_precondition) / elapsed);
+        printf("}\n");
+    }
     kfac_precond_free(kfac);
     kfac_sgd_free(sgd);
     kfac_model_free(m);

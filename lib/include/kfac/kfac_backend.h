@@ -56,11 +56,18 @@ typedef struct kfac_backend kfac_backend;
 struct kfac_backend {
     const char *name;
     int threads;           /* compute threads (CPU) */
+    int cache_chunks;      /* evaluation runs in cache-sized pieces of the batch (CPU) */
     void *impl;
 
     /* memory */
     kfac_status (*alloc)(kfac_backend *be, size_t bytes, void **ptr);
     void (*release)(kfac_backend *be, void *ptr);
+    /* Host memory the backend copies from fastest (CUDA: pinned, so uploads
+     * run by DMA); NULL on backends where malloc serves (CPU). */
+    void *(*host_alloc)(kfac_backend *be, size_t bytes);
+    void (*host_release)(kfac_backend *be, void *ptr);
+    /* Most bytes of device memory held at once since creation; NULL: not tracked (CPU). */
+    size_t (*peak_bytes)(const kfac_backend *be);
     kfac_status (*upload)(kfac_backend *be, void *dst, const void *src, size_t bytes);
     kfac_status (*download)(kfac_backend *be, void *dst, const void *src, size_t bytes);
     kfac_status (*fill)(kfac_backend *be, float *x, float value, size_t n);

@@ -86,10 +86,11 @@ void kfac_model_input_shape(const kfac_model *m, int *h, int *w, int *c);
 
 /* Forward over the first n images.  Training mode keeps what backward
  * needs and updates BN running statistics; eval mode runs the whole network
- * on chunks of images that fit in cache. */
+ * on chunks of images that fit in cache (on backends with cache_chunks). */
 kfac_status kfac_model_forward(kfac_model *m, int n, kfac_mode mode);
-/* Mean softmax cross-entropy of the logits against labels; writes the
- * logits' gradient for backward; loss_sum and correct as the backend op. */
+/* Mean softmax cross-entropy of the logits against labels (host memory:
+ * the model copies them to the backend); writes the logits' gradient for
+ * backward; loss_sum and correct as the backend op. */
 kfac_status kfac_model_loss(kfac_model *m, int n, const int32_t *labels, float smoothing,
                             double *loss_sum, int *correct);
 kfac_status kfac_model_backward(kfac_model *m, int n);

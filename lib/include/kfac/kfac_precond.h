@@ -119,6 +119,8 @@ typedef struct kfac_precond_stats {
     double seconds_capture, seconds_invert, seconds_precondition;
     double seconds_comm;      /* reduce-scatters, all-gathers and scalar reductions */
     double last_kl_scale;
+    double kl_scale_sum;      /* summed over steps (mean = sum / steps) */
+    long kl_steps, kl_clipped; /* steps with a KL scale; of those, clipped (< 1) */
 } kfac_precond_stats;
 void kfac_precond_get_stats(const kfac_precond *p, kfac_precond_stats *out);
 

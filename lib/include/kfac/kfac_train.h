@@ -42,6 +42,8 @@ typedef struct kfac_epoch_metrics {
     double seconds;          /* since the start of the run */
     /* K-FAC only: seconds spent so far in its stages (cumulative) */
     double seconds_capture, seconds_invert, seconds_precondition, seconds_comm;
+    /* K-FAC only, this epoch: mean KL-clip scale and the fraction of steps clipped */
+    double kl_scale_mean, kl_clipped_fraction;
     int steps_in_epoch;
     /* bytes sent per training step, summed over ranks, per stage and link */
     double bytes_per_step[KFAC_STAGE_COUNT][KFAC_LINK_COUNT];
