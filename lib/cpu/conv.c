@@ -271,18 +271,26 @@ static void input_grad_gemm(const kfac_conv_desc *d, const float *w, const float
     col2im_add(d, dcols, r, rows, dx);
 }
 
+/* Zeroes a thread's private dW and db and, where the input gradient is
+ * scattered (added) rather than written, its images of dx. */
+static void begin_backward(const kfac_conv_desc *d, thread_ws tw, float *dx, int zero_dx,
+                           size_t n_first, size_t n_end)
+{
+    const size_t image = (size_t)d->h * d->w * d->c;
+    memset(tw.dw, 0, (size_t)d->k * patch_len(d) * sizeof(float));
+    memset(tw.db, 0, (size_t)d->k * sizeof(double));
+    if (dx && zero_dx) memset(dx + n_first * image, 0, (n_end - n_first) * image * sizeof(float));
+}
+
 /* One thread's share of the backward pass over images [n_first, n_end). */
 static void conv_backward_images(const kfac_conv_desc *d, const float *x, const float *w,
                                  const float *dy, float *dx, int accumulate, int want_db,
                                  thread_ws tw, size_t n_first, size_t n_end)
 {
     const size_t plane = (size_t)d->ho * d->wo, kd = patch_len(d), k = (size_t)d->k;
-    const size_t cr = chunk_rows(d), image = (size_t)d->h * d->w * d->c;
+    const size_t cr = chunk_rows(d);
     const int pointwise = kfac__cpu_conv_is_pointwise(d);
-    memset(tw.dw, 0, k * kd * sizeof(float));
-    memset(tw.db, 0, k * sizeof(double));
-    if (dx && !accumulate && !pointwise)
-        memset(dx + n_first * image, 0, (n_end - n_first) * image * sizeof(float));
+    begin_backward(d, tw, dx, !accumulate && !pointwise, n_first, n_end);
     for (size_t r = n_first * plane, end = n_end * plane; r < end; r += cr) {
         size_t rows = end - r < cr ? end - r : cr;
         const float *g = dy + r * k;
@@ -308,13 +316,10 @@ static void conv_backward_images_direct(const kfac_conv_desc *d, const float *x,
                                         int accumulate, int want_db, thread_ws tw,
                                         size_t n_first, size_t n_end)
 {
-    const size_t plane = (size_t)d->ho * d->wo, kd = patch_len(d), k = (size_t)d->k;
+    const size_t plane = (size_t)d->ho * d->wo, k = (size_t)d->k;
     const size_t cr = chunk_rows(d), image = (size_t)d->h * d->w * d->c;
     const int flip = kfac__cpu_direct_input_grad_ok(d);
-    memset(tw.dw, 0, k * kd * sizeof(float));
-    memset(tw.db, 0, k * sizeof(double));
-    if (dx && !accumulate && !flip)
-        memset(dx + n_first * image, 0, (n_end - n_first) * image * sizeof(float));
+    begin_backward(d, tw, dx, !accumulate && !flip, n_first, n_end);
     for (size_t n = n_first; n < n_end; n++) {
         const float *g = dy + n * plane * k;
         kfac__cpu_direct_weight_grad_image(d, x + n * image, g, tw.dw, tw.padded);
