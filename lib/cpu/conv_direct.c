@@ -28,6 +28,14 @@
 #define TILE_PIXELS 6
 #define TILE_CHANNELS 16
 
+/* lo/hi (two 8-channel halves of one tile row) += broadcast(*src) * (v0, v1). */
+#define FMA_ROW(lo, hi, src, v0, v1)                  \
+    do {                                              \
+        __m256 fma_b = _mm256_broadcast_ss(src);      \
+        lo = _mm256_fmadd_ps(fma_b, v0, lo);          \
+        hi = _mm256_fmadd_ps(fma_b, v1, hi);          \
+    } while (0)
+
 /* The kernels stream one image's padded input, its output (gradient) and
  * the weights many times: they win while those stay in L2 (small layers:
  * resnet8/20's are at most 45K floats).  Larger layers (ResNet-50's) ran
@@ -123,25 +131,13 @@ static inline void tile_forward(const float *const a[TILE_PIXELS], size_t run_st
         const float *a3 = a[3] + off, *a4 = a[4] + off, *a5 = a[5] + off;
         const float *w = wt + (size_t)r * span * k;
         for (int j = 0; j < span; j++, w += k) {
-            __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8), b;
-            b = _mm256_broadcast_ss(a0 + j);
-            c00 = _mm256_fmadd_ps(b, w0, c00);
-            c01 = _mm256_fmadd_ps(b, w1, c01);
-            b = _mm256_broadcast_ss(a1 + j);
-            c10 = _mm256_fmadd_ps(b, w0, c10);
-            c11 = _mm256_fmadd_ps(b, w1, c11);
-            b = _mm256_broadcast_ss(a2 + j);
-            c20 = _mm256_fmadd_ps(b, w0, c20);
-            c21 = _mm256_fmadd_ps(b, w1, c21);
-            b = _mm256_broadcast_ss(a3 + j);
-            c30 = _mm256_fmadd_ps(b, w0, c30);
-            c31 = _mm256_fmadd_ps(b, w1, c31);
-            b = _mm256_broadcast_ss(a4 + j);
-            c40 = _mm256_fmadd_ps(b, w0, c40);
-            c41 = _mm256_fmadd_ps(b, w1, c41);
-            b = _mm256_broadcast_ss(a5 + j);
-            c50 = _mm256_fmadd_ps(b, w0, c50);
-            c51 = _mm256_fmadd_ps(b, w1, c51);
+            __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+            FMA_ROW(c00, c01, a0 + j, w0, w1);
+            FMA_ROW(c10, c11, a1 + j, w0, w1);
+            FMA_ROW(c20, c21, a2 + j, w0, w1);
+            FMA_ROW(c30, c31, a3 + j, w0, w1);
+            FMA_ROW(c40, c41, a4 + j, w0, w1);
+            FMA_ROW(c50, c51, a5 + j, w0, w1);
         }
     }
     __m256 acc[TILE_PIXELS][2] = {{c00, c01}, {c10, c11}, {c20, c21},
@@ -212,25 +208,13 @@ static void tile_weight_grad6(const kfac_conv_desc *d, const float *xp, int wp, 
     for (int oh = 0; oh < d->ho; oh++) {
         const float *a = xp + ((size_t)(oh * d->stride + r) * wp) * c + j0;
         for (int ow = 0; ow < d->wo; ow++, a += step, g += k) {
-            __m256 g0 = _mm256_loadu_ps(g), g1 = _mm256_loadu_ps(g + 8), b;
-            b = _mm256_broadcast_ss(a);
-            c00 = _mm256_fmadd_ps(b, g0, c00);
-            c01 = _mm256_fmadd_ps(b, g1, c01);
-            b = _mm256_broadcast_ss(a + 1);
-            c10 = _mm256_fmadd_ps(b, g0, c10);
-            c11 = _mm256_fmadd_ps(b, g1, c11);
-            b = _mm256_broadcast_ss(a + 2);
-            c20 = _mm256_fmadd_ps(b, g0, c20);
-            c21 = _mm256_fmadd_ps(b, g1, c21);
-            b = _mm256_broadcast_ss(a + 3);
-            c30 = _mm256_fmadd_ps(b, g0, c30);
-            c31 = _mm256_fmadd_ps(b, g1, c31);
-            b = _mm256_broadcast_ss(a + 4);
-            c40 = _mm256_fmadd_ps(b, g0, c40);
-            c41 = _mm256_fmadd_ps(b, g1, c41);
-            b = _mm256_broadcast_ss(a + 5);
-            c50 = _mm256_fmadd_ps(b, g0, c50);
-            c51 = _mm256_fmadd_ps(b, g1, c51);
+            __m256 g0 = _mm256_loadu_ps(g), g1 = _mm256_loadu_ps(g + 8);
+            FMA_ROW(c00, c01, a, g0, g1);
+            FMA_ROW(c10, c11, a + 1, g0, g1);
+            FMA_ROW(c20, c21, a + 2, g0, g1);
+            FMA_ROW(c30, c31, a + 3, g0, g1);
+            FMA_ROW(c40, c41, a + 4, g0, g1);
+            FMA_ROW(c50, c51, a + 5, g0, g1);
         }
     }
     float *out = dwt + ((size_t)r * d->kw * d->c + j0) * k;
@@ -252,9 +236,7 @@ static void tile_weight_grad1(const kfac_conv_desc *d, const float *xp, int wp, 
     for (int oh = 0; oh < d->ho; oh++) {
         const float *a = xp + ((size_t)(oh * d->stride + r) * wp) * c + j0;
         for (int ow = 0; ow < d->wo; ow++, a += step, g += k) {
-            __m256 b = _mm256_broadcast_ss(a);
-            c0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(g), c0);
-            c1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(g + 8), c1);
+            FMA_ROW(c0, c1, a, _mm256_loadu_ps(g), _mm256_loadu_ps(g + 8));
         }
     }
     add_row(dwt + ((size_t)r * d->kw * d->c + j0) * k, c0, c1);
