@@ -28,7 +28,7 @@ expect_error "not a dataset" "$tmp/empty/manifest.yaml: cannot open: No such fil
 expect_error "unknown split" "no split 'test' \(it has train, val\)" \
   stage --to "$tmp/l" --split train,test "$ds"
 cp -r "$ds" "$tmp/bad"
-printf 'x' | dd of="$tmp/bad/train-00001.h5" bs=1 seek=7 conv=notrunc 2>/dev/null
+stage_damage "$tmp/bad/train-00001.h5" 7
 expect_error "source not matching its manifest" \
   "$tmp/bad/train-00001.h5: checksum mismatch .* does not match $tmp/bad/manifest.yaml" \
   stage --to "$tmp/l" --reserve-gb 0 "$tmp/bad"

@@ -42,3 +42,12 @@ stage_same_copy() {
   done
   [ "$(ls "$dst" | wc -l)" -eq $((n + 1)) ] || { echo "unexpected files in $dst: $(ls "$dst")"; return 1; }
 }
+
+# stage_damage FILE OFFSET: complement the byte at OFFSET in place, so the
+# file always changes (writing a fixed byte into random shards would leave
+# one in 256 intact).
+stage_damage() {
+  local b
+  b=$(od -An -tu1 -j"$2" -N1 "$1") && [ -n "$b" ] || return 1
+  printf "\\$(printf %o $((b ^ 255)))" | dd of="$1" bs=1 seek="$2" conv=notrunc 2>/dev/null
+}

@@ -98,8 +98,9 @@ for mode in copy broadcast; do
 done
 
 echo "== broadcast after damage on node3"
-timeout 60 srun -N 1 -w node3 --time=5 sh -c \
-  "f=\$(ls -d $local_dir/imagenet-mini-*)/train-00002.h5 && printf x | dd of=\$f bs=1 seek=99 conv=notrunc 2>/dev/null"
+timeout 60 srun -N 1 -w node3 --time=5 bash -c \
+  '. "$1/stage_dataset.bash" && stage_damage "$(ls -d "$2"/imagenet-mini-*)/train-00002.h5" 99' \
+  damage "$work" "$local_dir"
 stage "$work/out" "$work/log3" --mode broadcast
 rc=$?
 sed 's/^/  /' "$work/log3"
