@@ -7,9 +7,11 @@
  * partial sum per channel; level 2 adds the partials of each channel in a
  * fixed order, so results are deterministic.  A third kernel applies the
  * per-channel affine map.  Scratch: the partials (doubles), then 3*c floats
- * of per-channel coefficients. */
+ * of per-channel coefficients.
+ *
+ * x, y, dy and dx are T (float, bf16 or fp16), loaded as float; gamma,
+ * beta, the saved and running statistics and dgamma/dbeta are float. */
 #include "common.cuh"
-#include "kernels.h"
 
 #define BN_TX 32
 #define BN_TY 8
@@ -55,16 +57,17 @@ static __device__ void bn_block_sum(double a0, double a1, int c, int j, double *
 
 /* Level 1, forward: sums of v and v^2 with v = x - x[row 0] (the shift
  * avoids cancellation in E[v^2] - E[v]^2, as on the CPU). */
-static __global__ void bn_fwd_partial_kernel(size_t m, int c, size_t chunk, const float *x,
+template <typename T>
+static __global__ void bn_fwd_partial_kernel(size_t m, int c, size_t chunk, const T *x,
                                              double *partial)
 {
     int j = blockIdx.x * BN_TX + threadIdx.x;
     double a0 = 0.0, a1 = 0.0;
     if (j < c) {
         size_t first = (size_t)blockIdx.y * chunk, end = first + chunk < m ? first + chunk : m;
-        double shift = x[j];
+        double shift = kfac_k_f32(x[j]);
         for (size_t i = first + threadIdx.y; i < end; i += BN_TY) {
-            double v = (double)x[i * c + j] - shift;
+            double v = (double)kfac_k_f32(x[i * c + j]) - shift;
             a0 += v;
             a1 += v * v;
         }
@@ -74,8 +77,9 @@ static __global__ void bn_fwd_partial_kernel(size_t m, int c, size_t chunk, cons
 
 /* Level 2, forward: statistics, saved mean/invstd, running statistics and
  * the affine coefficients coef = (scale | shift). */
+template <typename T>
 static __global__ void bn_fwd_finalize_kernel(size_t m, int c, unsigned row_blocks,
-                                              const double *partial, const float *x,
+                                              const double *partial, const T *x,
                                               const float *gamma, const float *beta,
                                               float *save_mean, float *save_invstd,
                                               float *run_mean, float *run_var, float momentum,
@@ -92,7 +96,7 @@ static __global__ void bn_fwd_finalize_kernel(size_t m, int c, unsigned row_bloc
         double mean_shifted = s0 / (double)m;
         double var = s1 / (double)m - mean_shifted * mean_shifted;
         if (var < 0) var = 0;
-        double mean = mean_shifted + (double)x[j];
+        double mean = mean_shifted + (double)kfac_k_f32(x[j]);
         double invstd = 1.0 / sqrt(var + (double)eps);
         save_mean[j] = (float)mean;
         save_invstd[j] = (float)invstd;
@@ -104,35 +108,38 @@ static __global__ void bn_fwd_finalize_kernel(size_t m, int c, unsigned row_bloc
     }
 }
 
-static __global__ void bn_apply_kernel(size_t total, int c, const float *x, const float *coef,
-                                       float *y, int relu)
+template <typename T>
+static __global__ void bn_apply_kernel(size_t total, int c, const T *x, const float *coef, T *y,
+                                       int relu)
 {
     KFAC_K_GRID_LOOP(i, total)
     {
         int j = (int)(i % (size_t)c);
-        float v = x[i] * coef[j] + coef[c + j];
-        y[i] = relu ? fmaxf(v, 0.0f) : v;
+        float v = kfac_k_f32(x[i]) * coef[j] + coef[c + j];
+        kfac_k_store(&y[i], relu ? fmaxf(v, 0.0f) : v);
     }
 }
 
-static __global__ void bn_eval_kernel(size_t total, int c, const float *x, const float *gamma,
+template <typename T>
+static __global__ void bn_eval_kernel(size_t total, int c, const T *x, const float *gamma,
                                       const float *beta, const float *run_mean,
-                                      const float *run_var, float eps, float *y, int relu)
+                                      const float *run_var, float eps, T *y, int relu)
 {
     KFAC_K_GRID_LOOP(i, total)
     {
         int j = (int)(i % (size_t)c);
         float scale = gamma[j] / sqrtf(run_var[j] + eps);
         float shift = beta[j] - run_mean[j] * scale;
-        float v = x[i] * scale + shift;
-        y[i] = relu ? fmaxf(v, 0.0f) : v;
+        float v = kfac_k_f32(x[i]) * scale + shift;
+        kfac_k_store(&y[i], relu ? fmaxf(v, 0.0f) : v);
     }
 }
 
 /* Level 1, backward: sums of g and g*(x - mean), g = dy masked by y > 0
  * under the fused ReLU. */
-static __global__ void bn_bwd_partial_kernel(size_t m, int c, size_t chunk, const float *x,
-                                             const float *y, const float *dy,
+template <typename T>
+static __global__ void bn_bwd_partial_kernel(size_t m, int c, size_t chunk, const T *x,
+                                             const T *y, const T *dy,
                                              const float *save_mean, int relu, double *partial)
 {
     int j = blockIdx.x * BN_TX + threadIdx.x;
@@ -142,9 +149,9 @@ static __global__ void bn_bwd_partial_kernel(size_t m, int c, size_t chunk, cons
         float mu = save_mean[j];
         for (size_t i = first + threadIdx.y; i < end; i += BN_TY) {
             size_t k = i * c + j;
-            float g = (relu && y[k] <= 0.0f) ? 0.0f : dy[k];
+            float g = (relu && kfac_k_f32(y[k]) <= 0.0f) ? 0.0f : kfac_k_f32(dy[k]);
             a0 += g;
-            a1 += (double)g * (x[k] - mu);
+            a1 += (double)g * (kfac_k_f32(x[k]) - mu);
         }
     }
     bn_block_sum(a0, a1, c, j, partial);
@@ -176,73 +183,101 @@ static __global__ void bn_bwd_finalize_kernel(size_t m, int c, unsigned row_bloc
     }
 }
 
-static __global__ void bn_bwd_apply_kernel(size_t total, int c, const float *x, const float *y,
-                                           const float *dy, const float *coef, float *dx,
-                                           int accumulate, int relu)
+template <typename T>
+static __global__ void bn_bwd_apply_kernel(size_t total, int c, const T *x, const T *y,
+                                           const T *dy, const float *coef, T *dx, int accumulate,
+                                           int relu)
 {
     KFAC_K_GRID_LOOP(i, total)
     {
         int j = (int)(i % (size_t)c);
-        float g = (relu && y[i] <= 0.0f) ? 0.0f : dy[i];
-        float v = coef[j] * g + coef[c + j] + coef[2 * c + j] * x[i];
-        dx[i] = accumulate ? dx[i] + v : v;
+        float g = (relu && kfac_k_f32(y[i]) <= 0.0f) ? 0.0f : kfac_k_f32(dy[i]);
+        float v = coef[j] * g + coef[c + j] + coef[2 * c + j] * kfac_k_f32(x[i]);
+        kfac_k_store(&dx[i], accumulate ? kfac_k_f32(dx[i]) + v : v);
     }
 }
 
-extern "C" cudaError_t kfac_k_bn_forward_train(size_t m, int c, const float *x,
-                                               const float *gamma, const float *beta, float *y,
+/* The launchers' kernel sequences for one type T (arguments checked by them). */
+template <typename T>
+static void bn_train_launch(size_t m, int c, const T *x, const float *gamma, const float *beta,
+                            T *y, float *save_mean, float *save_invstd, float *run_mean,
+                            float *run_var, float momentum, float eps, int relu, void *scratch,
+                            cudaStream_t stream)
+{
+    unsigned rb = bn_row_blocks(m);
+    size_t chunk = (m + rb - 1) / rb;
+    double *partial = (double *)scratch;
+    float *coef = (float *)((char *)scratch + bn_partial_bytes(m, c));
+    dim3 grid((unsigned)((c + BN_TX - 1) / BN_TX), rb), block(BN_TX, BN_TY);
+    bn_fwd_partial_kernel<T><<<grid, block, 0, stream>>>(m, c, chunk, x, partial);
+    bn_fwd_finalize_kernel<T><<<kfac_k_blocks((size_t)c), KFAC_K_THREADS, 0, stream>>>(
+        m, c, rb, partial, x, gamma, beta, save_mean, save_invstd, run_mean, run_var, momentum,
+        eps, coef);
+    size_t total = m * (size_t)c;
+    bn_apply_kernel<T><<<kfac_k_blocks(total), KFAC_K_THREADS, 0, stream>>>(total, c, x, coef,
+                                                                             y, relu);
+}
+
+template <typename T>
+static void bn_backward_launch(size_t m, int c, const T *x, const T *y, const T *dy,
+                               const float *gamma, const float *save_mean,
+                               const float *save_invstd, T *dx, int accumulate, float *dgamma,
+                               float *dbeta, int relu, void *scratch, cudaStream_t stream)
+{
+    unsigned rb = bn_row_blocks(m);
+    size_t chunk = (m + rb - 1) / rb;
+    double *partial = (double *)scratch;
+    float *coef = (float *)((char *)scratch + bn_partial_bytes(m, c));
+    dim3 grid((unsigned)((c + BN_TX - 1) / BN_TX), rb), block(BN_TX, BN_TY);
+    bn_bwd_partial_kernel<T><<<grid, block, 0, stream>>>(m, c, chunk, x, y, dy, save_mean, relu,
+                                                         partial);
+    bn_bwd_finalize_kernel<<<kfac_k_blocks((size_t)c), KFAC_K_THREADS, 0, stream>>>(
+        m, c, rb, partial, gamma, save_mean, save_invstd, dgamma, dbeta, coef);
+    size_t total = m * (size_t)c;
+    bn_bwd_apply_kernel<T><<<kfac_k_blocks(total), KFAC_K_THREADS, 0, stream>>>(
+        total, c, x, y, dy, coef, dx, accumulate, relu);
+}
+
+extern "C" cudaError_t kfac_k_bn_forward_train(kfac_dtype t, size_t m, int c, const void *x,
+                                               const float *gamma, const float *beta, void *y,
                                                float *save_mean, float *save_invstd,
                                                float *run_mean, float *run_var, float momentum,
                                                float eps, int relu, void *scratch,
                                                cudaStream_t stream)
 {
     if (m == 0 || c <= 0) return cudaSuccess;
-    unsigned rb = bn_row_blocks(m);
-    size_t chunk = (m + rb - 1) / rb;
-    double *partial = (double *)scratch;
-    float *coef = (float *)((char *)scratch + bn_partial_bytes(m, c));
-    dim3 grid((unsigned)((c + BN_TX - 1) / BN_TX), rb), block(BN_TX, BN_TY);
-    bn_fwd_partial_kernel<<<grid, block, 0, stream>>>(m, c, chunk, x, partial);
-    bn_fwd_finalize_kernel<<<kfac_k_blocks((size_t)c), KFAC_K_THREADS, 0, stream>>>(
-        m, c, rb, partial, x, gamma, beta, save_mean, save_invstd, run_mean, run_var, momentum,
-        eps, coef);
-    size_t total = m * (size_t)c;
-    bn_apply_kernel<<<kfac_k_blocks(total), KFAC_K_THREADS, 0, stream>>>(total, c, x, coef, y,
-                                                                          relu);
+    KFAC_K_DISPATCH(t, T,
+                    bn_train_launch<T>(m, c, (const T *)x, gamma, beta, (T *)y, save_mean,
+                                       save_invstd, run_mean, run_var, momentum, eps, relu,
+                                       scratch, stream));
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t kfac_k_bn_forward_eval(size_t m, int c, const float *x,
-                                              const float *gamma, const float *beta, float *y,
+extern "C" cudaError_t kfac_k_bn_forward_eval(kfac_dtype t, size_t m, int c, const void *x,
+                                              const float *gamma, const float *beta, void *y,
                                               const float *run_mean, const float *run_var,
                                               float eps, int relu, cudaStream_t stream)
 {
     size_t total = m * (size_t)(c > 0 ? c : 0);
     if (total == 0) return cudaSuccess;
-    bn_eval_kernel<<<kfac_k_blocks(total), KFAC_K_THREADS, 0, stream>>>(
-        total, c, x, gamma, beta, run_mean, run_var, eps, y, relu);
+    KFAC_K_DISPATCH(t, T,
+                    bn_eval_kernel<T><<<kfac_k_blocks(total), KFAC_K_THREADS, 0, stream>>>(
+                        total, c, (const T *)x, gamma, beta, run_mean, run_var, eps, (T *)y,
+                        relu));
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t kfac_k_bn_backward(size_t m, int c, const float *x, const float *y,
-                                          const float *dy, const float *gamma,
+extern "C" cudaError_t kfac_k_bn_backward(kfac_dtype t, size_t m, int c, const void *x,
+                                          const void *y, const void *dy, const float *gamma,
                                           const float *save_mean, const float *save_invstd,
-                                          float *dx, int accumulate, float *dgamma,
+                                          void *dx, int accumulate, float *dgamma,
                                           float *dbeta, int relu, void *scratch,
                                           cudaStream_t stream)
 {
     if (m == 0 || c <= 0) return cudaSuccess;
-    unsigned rb = bn_row_blocks(m);
-    size_t chunk = (m + rb - 1) / rb;
-    double *partial = (double *)scratch;
-    float *coef = (float *)((char *)scratch + bn_partial_bytes(m, c));
-    dim3 grid((unsigned)((c + BN_TX - 1) / BN_TX), rb), block(BN_TX, BN_TY);
-    bn_bwd_partial_kernel<<<grid, block, 0, stream>>>(m, c, chunk, x, y, dy, save_mean, relu,
-                                                      partial);
-    bn_bwd_finalize_kernel<<<kfac_k_blocks((size_t)c), KFAC_K_THREADS, 0, stream>>>(
-        m, c, rb, partial, gamma, save_mean, save_invstd, dgamma, dbeta, coef);
-    size_t total = m * (size_t)c;
-    bn_bwd_apply_kernel<<<kfac_k_blocks(total), KFAC_K_THREADS, 0, stream>>>(
-        total, c, x, y, dy, coef, dx, accumulate, relu);
+    KFAC_K_DISPATCH(t, T,
+                    bn_backward_launch<T>(m, c, (const T *)x, (const T *)y, (const T *)dy, gamma,
+                                          save_mean, save_invstd, (T *)dx, accumulate, dgamma,
+                                          dbeta, relu, scratch, stream));
     return cudaGetLastError();
 }

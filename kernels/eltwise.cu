@@ -1,51 +1,50 @@
 /* eltwise.cu - element-wise CUDA kernels: fill, ReLU, residual add (+ReLU),
- * the fused momentum-SGD update, and fp32 <-> bf16 / fp16 conversions for
- * mixed precision.  Same arithmetic as lib/cpu/eltwise.c, grid-stride
- * loops, one thread per element. */
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+ * the fused momentum-SGD update, type conversions and the gradient scaling
+ * of dynamic loss scaling.  Same arithmetic as lib/cpu/eltwise.c, grid-stride
+ * loops, one thread per element.  Activations are T (float, bf16 or fp16),
+ * computed in float; fill, SGD and scale_grads work on float32 only. */
 #include "common.cuh"
-#include "kernels.h"
 
 static __global__ void fill_kernel(size_t n, float *x, float value)
 {
     KFAC_K_GRID_LOOP(i, n) x[i] = value;
 }
 
-static __global__ void relu_fwd_kernel(size_t n, const float *x, float *y)
+template <typename T>
+static __global__ void relu_fwd_kernel(size_t n, const T *x, T *y)
 {
-    KFAC_K_GRID_LOOP(i, n) y[i] = fmaxf(x[i], 0.0f);
+    KFAC_K_GRID_LOOP(i, n) kfac_k_store(&y[i], fmaxf(kfac_k_f32(x[i]), 0.0f));
 }
 
-static __global__ void relu_bwd_kernel(size_t n, const float *y, const float *dy, float *dx,
-                                       int accumulate)
+template <typename T>
+static __global__ void relu_bwd_kernel(size_t n, const T *y, const T *dy, T *dx, int accumulate)
 {
     KFAC_K_GRID_LOOP(i, n)
     {
-        float g = y[i] > 0.0f ? dy[i] : 0.0f;
-        dx[i] = accumulate ? dx[i] + g : g;
+        float g = kfac_k_f32(y[i]) > 0.0f ? kfac_k_f32(dy[i]) : 0.0f;
+        kfac_k_store(&dx[i], accumulate ? kfac_k_f32(dx[i]) + g : g);
     }
 }
 
-static __global__ void add_fwd_kernel(size_t n, const float *a, const float *b, float *y,
-                                      int relu)
+template <typename T>
+static __global__ void add_fwd_kernel(size_t n, const T *a, const T *b, T *y, int relu)
 {
     KFAC_K_GRID_LOOP(i, n)
     {
-        float v = a[i] + b[i];
-        y[i] = relu ? fmaxf(v, 0.0f) : v;
+        float v = kfac_k_f32(a[i]) + kfac_k_f32(b[i]);
+        kfac_k_store(&y[i], relu ? fmaxf(v, 0.0f) : v);
     }
 }
 
-static __global__ void add_bwd_kernel(size_t n, const float *y, const float *dy, float *da,
-                                      int acc_a, float *db, int acc_b, int relu)
+template <typename T>
+static __global__ void add_bwd_kernel(size_t n, const T *y, const T *dy, T *da, int acc_a, T *db,
+                                      int acc_b, int relu)
 {
     KFAC_K_GRID_LOOP(i, n)
     {
-        float g = (relu && y[i] <= 0.0f) ? 0.0f : dy[i];
-        da[i] = acc_a ? da[i] + g : g;
-        db[i] = acc_b ? db[i] + g : g;
+        float g = (relu && kfac_k_f32(y[i]) <= 0.0f) ? 0.0f : kfac_k_f32(dy[i]);
+        kfac_k_store(&da[i], acc_a ? kfac_k_f32(da[i]) + g : g);
+        kfac_k_store(&db[i], acc_b ? kfac_k_f32(db[i]) + g : g);
     }
 }
 
@@ -61,89 +60,100 @@ static __global__ void sgd_kernel(size_t n, float *p, const float *g, float *v, 
     }
 }
 
-static __global__ void f32_to_bf16_kernel(size_t n, const float *x, __nv_bfloat16 *y)
+/* Through float: exact for every widening, one rounding for every
+ * narrowing (float holds bf16 and fp16 values exactly). */
+template <typename S, typename D>
+static __global__ void convert_kernel(size_t n, const S *x, D *y)
 {
-    KFAC_K_GRID_LOOP(i, n) y[i] = __float2bfloat16_rn(x[i]);
+    KFAC_K_GRID_LOOP(i, n) kfac_k_store(&y[i], kfac_k_f32(x[i]));
 }
 
-static __global__ void bf16_to_f32_kernel(size_t n, const __nv_bfloat16 *x, float *y)
+/* Threads that find a non-finite result all write the same 1. */
+static __global__ void scale_grads_kernel(size_t n, float *g, float scale, int *nonfinite)
 {
-    KFAC_K_GRID_LOOP(i, n) y[i] = __bfloat162float(x[i]);
+    KFAC_K_GRID_LOOP(i, n)
+    {
+        float v = g[i] * scale;
+        g[i] = v;
+        if (!isfinite(v)) *nonfinite = 1;
+    }
 }
 
-static __global__ void f32_to_f16_kernel(size_t n, const float *x, __half *y)
-{
-    KFAC_K_GRID_LOOP(i, n) y[i] = __float2half_rn(x[i]);
-}
-
-static __global__ void f16_to_f32_kernel(size_t n, const __half *x, float *y)
-{
-    KFAC_K_GRID_LOOP(i, n) y[i] = __half2float(x[i]);
-}
-
-#define LAUNCH(kernel, n, stream, ...)                                                  \
-    do {                                                                                \
-        if ((n) == 0) return cudaSuccess;                                               \
-        kernel<<<kfac_k_blocks(n), KFAC_K_THREADS, 0, (stream)>>>((n), __VA_ARGS__);    \
-        return cudaGetLastError();                                                      \
-    } while (0)
+/* One thread per element over n elements: <<<blocks, threads, 0, stream>>>. */
+#define GRID(n, stream) kfac_k_blocks(n), KFAC_K_THREADS, 0, (stream)
 
 extern "C" cudaError_t kfac_k_fill(size_t n, float *x, float value, cudaStream_t stream)
 {
-    LAUNCH(fill_kernel, n, stream, x, value);
+    if (n == 0) return cudaSuccess;
+    fill_kernel<<<GRID(n, stream)>>>(n, x, value);
+    return cudaGetLastError();
 }
 
-extern "C" cudaError_t kfac_k_relu_forward(size_t n, const float *x, float *y,
+extern "C" cudaError_t kfac_k_relu_forward(kfac_dtype t, size_t n, const void *x, void *y,
                                            cudaStream_t stream)
 {
-    LAUNCH(relu_fwd_kernel, n, stream, x, y);
+    if (n == 0) return cudaSuccess;
+    KFAC_K_DISPATCH(t, T, relu_fwd_kernel<T><<<GRID(n, stream)>>>(n, (const T *)x, (T *)y));
+    return cudaGetLastError();
 }
 
-extern "C" cudaError_t kfac_k_relu_backward(size_t n, const float *y, const float *dy, float *dx,
-                                            int accumulate, cudaStream_t stream)
+extern "C" cudaError_t kfac_k_relu_backward(kfac_dtype t, size_t n, const void *y,
+                                            const void *dy, void *dx, int accumulate,
+                                            cudaStream_t stream)
 {
-    LAUNCH(relu_bwd_kernel, n, stream, y, dy, dx, accumulate);
+    if (n == 0) return cudaSuccess;
+    KFAC_K_DISPATCH(t, T,
+                    relu_bwd_kernel<T><<<GRID(n, stream)>>>(n, (const T *)y, (const T *)dy,
+                                                            (T *)dx, accumulate));
+    return cudaGetLastError();
 }
 
-extern "C" cudaError_t kfac_k_add_forward(size_t n, const float *a, const float *b, float *y,
-                                          int relu, cudaStream_t stream)
+extern "C" cudaError_t kfac_k_add_forward(kfac_dtype t, size_t n, const void *a, const void *b,
+                                          void *y, int relu, cudaStream_t stream)
 {
-    LAUNCH(add_fwd_kernel, n, stream, a, b, y, relu);
+    if (n == 0) return cudaSuccess;
+    KFAC_K_DISPATCH(t, T,
+                    add_fwd_kernel<T><<<GRID(n, stream)>>>(n, (const T *)a, (const T *)b,
+                                                           (T *)y, relu));
+    return cudaGetLastError();
 }
 
-extern "C" cudaError_t kfac_k_add_backward(size_t n, const float *y, const float *dy, float *da,
-                                           int acc_a, float *db, int acc_b, int relu,
+extern "C" cudaError_t kfac_k_add_backward(kfac_dtype t, size_t n, const void *y, const void *dy,
+                                           void *da, int acc_a, void *db, int acc_b, int relu,
                                            cudaStream_t stream)
 {
-    LAUNCH(add_bwd_kernel, n, stream, y, dy, da, acc_a, db, acc_b, relu);
+    if (n == 0) return cudaSuccess;
+    KFAC_K_DISPATCH(t, T,
+                    add_bwd_kernel<T><<<GRID(n, stream)>>>(n, (const T *)y, (const T *)dy,
+                                                           (T *)da, acc_a, (T *)db, acc_b,
+                                                           relu));
+    return cudaGetLastError();
 }
 
 extern "C" cudaError_t kfac_k_sgd_update(size_t n, float *p, const float *g, float *v, float lr,
                                          float mom, float wd, int nesterov, cudaStream_t stream)
 {
-    LAUNCH(sgd_kernel, n, stream, p, g, v, lr, mom, wd, nesterov);
+    if (n == 0) return cudaSuccess;
+    sgd_kernel<<<GRID(n, stream)>>>(n, p, g, v, lr, mom, wd, nesterov);
+    return cudaGetLastError();
 }
 
-extern "C" cudaError_t kfac_k_f32_to_bf16(size_t n, const float *x, uint16_t *y,
+extern "C" cudaError_t kfac_k_convert(size_t n, const void *src, kfac_dtype src_t, void *dst,
+                                      kfac_dtype dst_t, cudaStream_t stream)
+{
+    if (n == 0) return cudaSuccess;
+    KFAC_K_DISPATCH(src_t, S,
+                    KFAC_K_DISPATCH(dst_t, D,
+                                    convert_kernel<S, D><<<GRID(n, stream)>>>(
+                                        n, (const S *)src, (D *)dst)));
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t kfac_k_scale_grads(size_t n, float *g, float scale, int *nonfinite,
                                           cudaStream_t stream)
 {
-    LAUNCH(f32_to_bf16_kernel, n, stream, x, reinterpret_cast<__nv_bfloat16 *>(y));
-}
-
-extern "C" cudaError_t kfac_k_bf16_to_f32(size_t n, const uint16_t *x, float *y,
-                                          cudaStream_t stream)
-{
-    LAUNCH(bf16_to_f32_kernel, n, stream, reinterpret_cast<const __nv_bfloat16 *>(x), y);
-}
-
-extern "C" cudaError_t kfac_k_f32_to_f16(size_t n, const float *x, uint16_t *y,
-                                         cudaStream_t stream)
-{
-    LAUNCH(f32_to_f16_kernel, n, stream, x, reinterpret_cast<__half *>(y));
-}
-
-extern "C" cudaError_t kfac_k_f16_to_f32(size_t n, const uint16_t *x, float *y,
-                                         cudaStream_t stream)
-{
-    LAUNCH(f16_to_f32_kernel, n, stream, reinterpret_cast<const __half *>(x), y);
+    cudaError_t e = cudaMemsetAsync(nonfinite, 0, sizeof *nonfinite, stream);
+    if (e != cudaSuccess || n == 0) return e;
+    scale_grads_kernel<<<GRID(n, stream)>>>(n, g, scale, nonfinite);
+    return cudaGetLastError();
 }

@@ -1,11 +1,18 @@
 /* kernels.h - internal: C-callable launchers of the CUDA kernels in
- * kernels/, used by lib/cuda/backend_cuda.c (see kfac_backend.h for the
- * contracts of the operations they implement).
+ * kernels/, used by lib/cuda (see kfac_backend.h for the contracts of the
+ * operations they implement).
  *
  * All pointers are device pointers.  Every launcher enqueues its kernels on
  * `stream` and returns the launch status (cudaGetLastError); faults inside a
- * kernel surface at the next synchronisation.  n == 0 launches nothing.
- * bf16 and fp16 values are passed as their raw 16-bit patterns. */
+ * kernel surface at the next synchronisation.  n == 0 launches nothing
+ * (bias_backward and scale_grads still write their results).
+ *
+ * Precision: activation arrays (x, y, dx, dy, logits, dlogits, a, b, da,
+ * db of add) are `void *` holding values of the kfac_dtype `t` given first;
+ * parameters, parameter gradients and statistics are float32 always.  The
+ * kernels load 16-bit values as float, compute in float (double where the
+ * CPU does), and round results to nearest even when storing them.  An
+ * unknown `t` returns cudaErrorInvalidValue and launches nothing. */
 #ifndef KFAC_KERNELS_H
 #define KFAC_KERNELS_H
 
@@ -14,57 +21,72 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kfac/kfac_backend.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 /* ---- eltwise.cu ---- */
 cudaError_t kfac_k_fill(size_t n, float *x, float value, cudaStream_t stream);
-cudaError_t kfac_k_relu_forward(size_t n, const float *x, float *y, cudaStream_t stream);
-cudaError_t kfac_k_relu_backward(size_t n, const float *y, const float *dy, float *dx,
+cudaError_t kfac_k_relu_forward(kfac_dtype t, size_t n, const void *x, void *y,
+                                cudaStream_t stream);
+cudaError_t kfac_k_relu_backward(kfac_dtype t, size_t n, const void *y, const void *dy, void *dx,
                                  int accumulate, cudaStream_t stream);
-cudaError_t kfac_k_add_forward(size_t n, const float *a, const float *b, float *y, int relu,
-                               cudaStream_t stream);
-cudaError_t kfac_k_add_backward(size_t n, const float *y, const float *dy, float *da, int acc_a,
-                                float *db, int acc_b, int relu, cudaStream_t stream);
+cudaError_t kfac_k_add_forward(kfac_dtype t, size_t n, const void *a, const void *b, void *y,
+                               int relu, cudaStream_t stream);
+cudaError_t kfac_k_add_backward(kfac_dtype t, size_t n, const void *y, const void *dy, void *da,
+                                int acc_a, void *db, int acc_b, int relu, cudaStream_t stream);
 cudaError_t kfac_k_sgd_update(size_t n, float *p, const float *g, float *v, float lr, float mom,
                               float wd, int nesterov, cudaStream_t stream);
-/* Round-to-nearest-even conversions for mixed precision. */
-cudaError_t kfac_k_f32_to_bf16(size_t n, const float *x, uint16_t *y, cudaStream_t stream);
-cudaError_t kfac_k_bf16_to_f32(size_t n, const uint16_t *x, float *y, cudaStream_t stream);
-cudaError_t kfac_k_f32_to_f16(size_t n, const float *x, uint16_t *y, cudaStream_t stream);
-cudaError_t kfac_k_f16_to_f32(size_t n, const uint16_t *x, float *y, cudaStream_t stream);
+/* dst[i] = src[i] for n values, any type to any type (round to nearest
+ * even when narrowing).  src and dst must not overlap. */
+cudaError_t kfac_k_convert(size_t n, const void *src, kfac_dtype src_t, void *dst,
+                           kfac_dtype dst_t, cudaStream_t stream);
+/* g[i] *= scale for n floats; sets *nonfinite (a device int) to 1 when a
+ * result is inf or nan, else to 0 (also for n == 0). */
+cudaError_t kfac_k_scale_grads(size_t n, float *g, float scale, int *nonfinite,
+                               cudaStream_t stream);
+
+/* ---- bias.cu ---- (the bias of fully connected layers) */
+/* y(row, j) += bias(j) for rows x k values of y. */
+cudaError_t kfac_k_bias_forward(kfac_dtype t, size_t rows, int k, void *y, const float *bias,
+                                cudaStream_t stream);
+/* db(j) = sum over rows of dy(row, j), summed in a fixed order (zeros
+ * when rows == 0). */
+cudaError_t kfac_k_bias_backward(kfac_dtype t, size_t rows, int k, const void *dy, float *db,
+                                 cudaStream_t stream);
 
 /* ---- bn.cu ---- */
 /* Bytes of device scratch the batch-norm launchers need for (m, c). */
 size_t kfac_k_bn_scratch_bytes(size_t m, int c);
-cudaError_t kfac_k_bn_forward_train(size_t m, int c, const float *x, const float *gamma,
-                                    const float *beta, float *y, float *save_mean,
-                                    float *save_invstd, float *run_mean, float *run_var,
-                                    float momentum, float eps, int relu, void *scratch,
-                                    cudaStream_t stream);
-cudaError_t kfac_k_bn_forward_eval(size_t m, int c, const float *x, const float *gamma,
-                                   const float *beta, float *y, const float *run_mean,
-                                   const float *run_var, float eps, int relu,
-                                   cudaStream_t stream);
-cudaError_t kfac_k_bn_backward(size_t m, int c, const float *x, const float *y, const float *dy,
-                               const float *gamma, const float *save_mean,
-                               const float *save_invstd, float *dx, int accumulate,
+cudaError_t kfac_k_bn_forward_train(kfac_dtype t, size_t m, int c, const void *x,
+                                    const float *gamma, const float *beta, void *y,
+                                    float *save_mean, float *save_invstd, float *run_mean,
+                                    float *run_var, float momentum, float eps, int relu,
+                                    void *scratch, cudaStream_t stream);
+cudaError_t kfac_k_bn_forward_eval(kfac_dtype t, size_t m, int c, const void *x,
+                                   const float *gamma, const float *beta, void *y,
+                                   const float *run_mean, const float *run_var, float eps,
+                                   int relu, cudaStream_t stream);
+cudaError_t kfac_k_bn_backward(kfac_dtype t, size_t m, int c, const void *x, const void *y,
+                               const void *dy, const float *gamma, const float *save_mean,
+                               const float *save_invstd, void *dx, int accumulate,
                                float *dgamma, float *dbeta, int relu, void *scratch,
                                cudaStream_t stream);
 
 /* ---- pool.cu ---- (geometry as kfac_pool_desc) */
-cudaError_t kfac_k_maxpool_forward(int n, int h, int w, int c, int kh, int kw, int stride,
-                                   int pad, int ho, int wo, const float *x, float *y,
+cudaError_t kfac_k_maxpool_forward(kfac_dtype t, int n, int h, int w, int c, int kh, int kw,
+                                   int stride, int pad, int ho, int wo, const void *x, void *y,
                                    cudaStream_t stream);
-cudaError_t kfac_k_maxpool_backward(int n, int h, int w, int c, int kh, int kw, int stride,
-                                    int pad, int ho, int wo, const float *x, const float *y,
-                                    const float *dy, float *dx, int accumulate,
+cudaError_t kfac_k_maxpool_backward(kfac_dtype t, int n, int h, int w, int c, int kh, int kw,
+                                    int stride, int pad, int ho, int wo, const void *x,
+                                    const void *y, const void *dy, void *dx, int accumulate,
                                     cudaStream_t stream);
-cudaError_t kfac_k_gap_forward(int n, int hw, int c, const float *x, float *y,
+cudaError_t kfac_k_gap_forward(kfac_dtype t, int n, int hw, int c, const void *x, void *y,
                                cudaStream_t stream);
-cudaError_t kfac_k_gap_backward(int n, int hw, int c, const float *dy, float *dx, int accumulate,
-                                cudaStream_t stream);
+cudaError_t kfac_k_gap_backward(kfac_dtype t, int n, int hw, int c, const void *dy, void *dx,
+                                int accumulate, cudaStream_t stream);
 
 /* ---- loss.cu ---- */
 /* Device result of kfac_k_softmax_xent. */
@@ -76,11 +98,13 @@ typedef struct kfac_k_xent_result {
 
 /* Bytes of device scratch kfac_k_softmax_xent needs for n rows. */
 size_t kfac_k_xent_scratch_bytes(int n);
-/* Writes dlogits (may be NULL) and *result (device); rows with a bad label
- * are skipped and reported in result->bad_row. */
-cudaError_t kfac_k_softmax_xent(int n, int classes, const float *logits, const int32_t *labels,
-                                float smoothing, float *dlogits, kfac_k_xent_result *result,
-                                void *scratch, cudaStream_t stream);
+/* Writes dlogits (may be NULL; grad_scale times the gradient of the mean
+ * loss) and *result (device); rows with a bad label are skipped and
+ * reported in result->bad_row. */
+cudaError_t kfac_k_softmax_xent(kfac_dtype t, int n, int classes, const void *logits,
+                                const int32_t *labels, float smoothing, float grad_scale,
+                                void *dlogits, kfac_k_xent_result *result, void *scratch,
+                                cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -3,11 +3,11 @@
  *
  * One warp per row writes the row's loss and hit (-1: bad label) to scratch;
  * one block then adds the rows in a fixed order into a kfac_k_xent_result,
- * so the loss is deterministic. */
+ * so the loss is deterministic.  Logits and dlogits are T (float, bf16 or
+ * fp16), loaded as float; dlogits are computed in double, then rounded. */
 #include <math.h>
 
 #include "common.cuh"
-#include "kernels.h"
 
 #define XENT_WARPS 8            /* rows per block of the row kernel */
 #define XENT_REDUCE_THREADS 256 /* power of two */
@@ -19,9 +19,10 @@ extern "C" size_t kfac_k_xent_scratch_bytes(int n)
     return xent_loss_bytes(n) + (size_t)(n > 0 ? n : 0) * sizeof(int);
 }
 
-static __global__ void xent_rows_kernel(int n, int classes, const float *logits,
-                                        const int32_t *labels, float smoothing, float *dlogits,
-                                        double *row_loss, int *row_hit)
+template <typename T>
+static __global__ void xent_rows_kernel(int n, int classes, const T *logits,
+                                        const int32_t *labels, float smoothing, float grad_scale,
+                                        T *dlogits, double *row_loss, int *row_hit)
 {
     const unsigned full = 0xffffffffu;
     int lane = threadIdx.x & 31;
@@ -36,13 +37,13 @@ static __global__ void xent_rows_kernel(int n, int classes, const float *logits,
             }
             continue;
         }
-        const float *z = logits + (size_t)i * classes;
+        const T *z = logits + (size_t)i * classes;
         /* argmax: the first index of the largest logit, as the CPU's scan. */
         float bv = 0.0f;
         int bj = -1;
         for (int j = lane; j < classes; j += 32)
-            if (bj < 0 || z[j] > bv) {
-                bv = z[j];
+            if (bj < 0 || kfac_k_f32(z[j]) > bv) {
+                bv = kfac_k_f32(z[j]);
                 bj = j;
             }
         for (int d = 16; d > 0; d >>= 1) {
@@ -53,10 +54,10 @@ static __global__ void xent_rows_kernel(int n, int classes, const float *logits,
                 bj = oj;
             }
         }
-        double zmax = z[bj], sumexp = 0.0, sumz = 0.0;
+        double zmax = kfac_k_f32(z[bj]), sumexp = 0.0, sumz = 0.0;
         for (int j = lane; j < classes; j += 32) {
-            sumexp += exp((double)z[j] - zmax);
-            sumz += z[j];
+            sumexp += exp((double)kfac_k_f32(z[j]) - zmax);
+            sumz += kfac_k_f32(z[j]);
         }
         for (int d = 16; d > 0; d >>= 1) {
             sumexp += __shfl_xor_sync(full, sumexp, d);
@@ -65,15 +66,16 @@ static __global__ void xent_rows_kernel(int n, int classes, const float *logits,
         double lse = zmax + log(sumexp);
         double off = smoothing / classes, on = 1.0 - smoothing + off;
         if (lane == 0) {
-            double zl = z[label];
+            double zl = kfac_k_f32(z[label]);
             row_loss[i] = on * (lse - zl) + off * (classes * lse - sumz) - off * (lse - zl);
             row_hit[i] = bj == label;
         }
         if (dlogits) {
-            float *g = dlogits + (size_t)i * classes;
+            T *g = dlogits + (size_t)i * classes;
             for (int j = lane; j < classes; j += 32) {
                 double target = j == label ? on : off;
-                g[j] = (float)((exp((double)z[j] - lse) - target) / n);
+                double v = (exp((double)kfac_k_f32(z[j]) - lse) - target) / n * grad_scale;
+                kfac_k_store(&g[j], (float)v);
             }
         }
     }
@@ -113,18 +115,21 @@ static __global__ void xent_reduce_kernel(int n, const double *row_loss, const i
     }
 }
 
-extern "C" cudaError_t kfac_k_softmax_xent(int n, int classes, const float *logits,
+extern "C" cudaError_t kfac_k_softmax_xent(kfac_dtype t, int n, int classes, const void *logits,
                                            const int32_t *labels, float smoothing,
-                                           float *dlogits, kfac_k_xent_result *result,
-                                           void *scratch, cudaStream_t stream)
+                                           float grad_scale, void *dlogits,
+                                           kfac_k_xent_result *result, void *scratch,
+                                           cudaStream_t stream)
 {
     double *row_loss = (double *)scratch;
     int *row_hit = (int *)((char *)scratch + xent_loss_bytes(n));
     if (n > 0 && classes > 0) {
         size_t blocks = ((size_t)n + XENT_WARPS - 1) / XENT_WARPS;
         if (blocks > KFAC_K_MAX_BLOCKS) blocks = KFAC_K_MAX_BLOCKS;
-        xent_rows_kernel<<<(unsigned)blocks, XENT_WARPS * 32, 0, stream>>>(
-            n, classes, logits, labels, smoothing, dlogits, row_loss, row_hit);
+        KFAC_K_DISPATCH(t, T,
+                        xent_rows_kernel<T><<<(unsigned)blocks, XENT_WARPS * 32, 0, stream>>>(
+                            n, classes, (const T *)logits, labels, smoothing, grad_scale,
+                            (T *)dlogits, row_loss, row_hit));
     }
     xent_reduce_kernel<<<1, XENT_REDUCE_THREADS, 0, stream>>>(n > 0 && classes > 0 ? n : 0,
                                                              row_loss, row_hit, result);

@@ -2,6 +2,16 @@
  * (the reference) on the same random inputs: upload, run both, download,
  * compare.  Errors are max|gpu - cpu| / max(max|cpu|, 1e-6) per output.
  *
+ * Each test runs three times, on a CUDA backend whose activations are
+ * float32, then bf16, then fp16 (kfac_backend_set_precision).  In the
+ * 16-bit passes the float32 random inputs are uploaded, converted on the
+ * device (be->convert) into 16-bit activations, and rounded on the host to
+ * the same values (round to nearest even, checked bit for bit by
+ * test_conversions); the CPU computes in float32 on those rounded values,
+ * so the difference left is the GPU's rounding of its outputs.  Outputs
+ * are converted back to float32 on the device and downloaded.  Parameters,
+ * parameter gradients and statistics are float32 in every pass.
+ *
  * Tolerances (stated again beside each check):
  *   TOL_ELT  1e-5  fill, ReLU, add, SGD, pooling: the same float operations,
  *                  only fused multiply-adds may round differently;
@@ -13,8 +23,25 @@
  *                  to a few hundred products in another order, ~1e-6
  *                  expected; TF32 inputs (rounded to 2^-11) would normally
  *                  exceed it, so it also guards TF32 being off by default.
- *   bf16 conversion must be bit-exact round-to-nearest-even; fp16 within
- *   half an ulp (2^-11 relative) for normal values.
+ *   16-bit activations: u = the unit roundoff of the type (half an ulp
+ *   relative: bf16 2^-8 = 3.9e-3, fp16 2^-11 = 4.9e-4).  An output rounded
+ *   once from a float result differs from the CPU's by at most u of the
+ *   largest value plus the float32 tolerance:
+ *   TOL_ELT_BF16 4e-3, TOL_ELT_F16 5e-4    u + float slack;
+ *   TOL_BN_BF16 4.5e-3, TOL_BN_F16 7e-4    u + TOL_BN for y and dx; the
+ *                  statistics, dgamma and dbeta are float (TOL_BN);
+ *   TOL_XENT_BF16 4.5e-3, TOL_XENT_F16 7e-4  u + TOL_XENT for dlogits; the
+ *                  loss is double from the same logits (TOL_XENT);
+ *   TOL_CONV_BF16 1.6e-2, TOL_CONV_F16 2e-3  4u for y, dx and dw: cuDNN
+ *                  rounds its output (and dw, widened afterwards); the bias
+ *                  is added to the rounded y (a second rounding, on a
+ *                  value that can exceed the biased output); Winograd and
+ *                  FFT algorithms may keep transformed tiles in 16 bits.
+ *                  Products and sums are float, so the length of the
+ *                  reduction hardly matters.  db is float from the same
+ *                  16-bit dy (TOL_CONV).
+ *   Conversions must be bit-exact round-to-nearest-even (subnormal fp16
+ *   included), scale_grads bit-exact float products.
  *
  * Without CUDA in the build, or without a GPU, prints "skipped: no GPU" and
  * returns 77 (ctest SKIP_RETURN_CODE). */
@@ -33,11 +60,22 @@
 #define TOL_CONV 1e-4
 #define ERR_FLOOR 1e-6
 
+/* 16-bit activations (u: bf16 2^-8, fp16 2^-11; derivation above). */
+#define TOL_ELT_BF16 4.0e-3  /* one rounding of a float result: u + float slack */
+#define TOL_ELT_F16 5.0e-4
+#define TOL_BN_BF16 4.5e-3   /* y, dx rounded once: u + TOL_BN */
+#define TOL_BN_F16 7.0e-4
+#define TOL_XENT_BF16 4.5e-3 /* dlogits rounded once: u + TOL_XENT */
+#define TOL_XENT_F16 7.0e-4
+#define TOL_CONV_BF16 1.6e-2 /* 4u: cuDNN output, bias on the rounded output, 16-bit tiles */
+#define TOL_CONV_F16 2.0e-3
+
 static unsigned long long seed = 7;
+/* gpu: the CUDA backend under test; its act_dtype is the pass's precision. */
 static kfac_backend *cpu, *gpu;
 
-/* Device buffers, released at the end. */
-static void *dev_ptrs[512];
+/* Device buffers of gpu, released at the end of each pass. */
+static void *dev_ptrs[2048];
 static int dev_count;
 
 /* Stops the test: later checks would only repeat the failure. */
@@ -58,7 +96,55 @@ static float *rnd(size_t n, double scale, double offset)
     return v;
 }
 
-/* A device copy of n floats (or other bytes) of host memory. */
+/* ---- 16-bit values on the host ---- */
+
+static kfac_dtype prec(void) { return gpu->act_dtype; }
+
+/* The tolerance of the pass's precision. */
+static double tol3(double f32, double bf16, double f16)
+{
+    return prec() == KFAC_BF16 ? bf16 : prec() == KFAC_F16 ? f16 : f32;
+}
+#define TOL(op) tol3(TOL_##op, TOL_##op##_BF16, TOL_##op##_F16)
+
+static uint16_t bf16_rne(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static float bf16_value(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* The fp16 value nearest f (ties to even), as a float: with |f| in
+ * [2^(e-1), 2^e) the spacing is 2^(e-11), and 2^-24 for subnormals
+ * (|f| < 2^-14); past 65504 + half a spacing, inf. */
+static float f16_round(float f)
+{
+    if (f == 0.0f || !isfinite(f)) return f;
+    int e;
+    frexp(f, &e);
+    if (e < -13) e = -13;
+    double spacing = ldexp(1.0, e - 11);
+    double r = nearbyint((double)f / spacing) * spacing; /* exact; ties to even */
+    return fabs(r) > 65504.0 ? copysignf(INFINITY, f) : (float)r;
+}
+
+static float round_to(kfac_dtype t, float f)
+{
+    return t == KFAC_BF16 ? bf16_value(bf16_rne(f)) : t == KFAC_F16 ? f16_round(f) : f;
+}
+
+/* ---- device buffers ---- */
+
+/* A device copy of `bytes` bytes of host memory (h NULL: uninitialised). */
 static void *dev_bytes(const void *h, size_t bytes)
 {
     void *d;
@@ -68,20 +154,62 @@ static void *dev_bytes(const void *h, size_t bytes)
     return d;
 }
 
+/* n floats (parameters, gradients, statistics: float32 in every pass). */
 static float *dev(const float *h, size_t n) { return dev_bytes(h, n * sizeof(float)); }
+
+/* Sets the n activations at d to h's values rounded to the pass's type
+ * (uploaded as float32, converted on the device), and rounds h in place to
+ * the same values for the CPU. */
+static void act_set(float *d, float *h, size_t n)
+{
+    if (prec() == KFAC_F32) {
+        REQUIRE_OK(gpu->upload(gpu, d, h, n * sizeof *h));
+        return;
+    }
+    REQUIRE_OK(gpu->convert(gpu, n, dev(h, n), KFAC_F32, d, prec()));
+    for (size_t i = 0; i < n; i++) h[i] = round_to(prec(), h[i]);
+}
+
+/* n activations in the pass's type, set from h as act_set (h NULL:
+ * uninitialised). */
+static float *act(float *h, size_t n)
+{
+    float *d = dev_bytes(NULL, n * kfac_dtype_size(prec()));
+    if (h) act_set(d, h, n);
+    return d;
+}
+
+/* Compares n downloaded floats with the CPU's ref. */
+static void compare_host(const char *what, const float *got, const float *ref, size_t n,
+                         double tol)
+{
+    double *refd = malloc(n * sizeof *refd);
+    for (size_t i = 0; i < n; i++) refd[i] = ref[i];
+    double err = test_max_rel_err(got, refd, n, ERR_FLOOR);
+    printf("  %s %-50s max rel err %.2e (tol %.1e)\n", kfac_dtype_name(prec()), what, err, tol);
+    CHECK(err <= tol, "%s %s: error %.3e > %.1e", kfac_dtype_name(prec()), what, err, tol);
+    free(refd);
+}
 
 /* Downloads n floats of d and compares them with the CPU's ref. */
 static void compare(const char *what, const float *d, const float *ref, size_t n, double tol)
 {
     float *got = malloc(n * sizeof *got);
-    double *refd = malloc(n * sizeof *refd);
     REQUIRE_OK(gpu->download(gpu, got, d, n * sizeof *got));
-    for (size_t i = 0; i < n; i++) refd[i] = ref[i];
-    double err = test_max_rel_err(got, refd, n, ERR_FLOOR);
-    printf("  %-50s max rel err %.2e (tol %.0e)\n", what, err, tol);
-    CHECK(err <= tol, "%s: error %.3e > %.0e", what, err, tol);
+    compare_host(what, got, ref, n, tol);
     free(got);
-    free(refd);
+}
+
+/* The same for n activations of the pass's type (widened on the device). */
+static void compare_act(const char *what, const float *d, const float *ref, size_t n, double tol)
+{
+    if (prec() == KFAC_F32) {
+        compare(what, d, ref, n, tol);
+        return;
+    }
+    float *wide = dev(NULL, n);
+    REQUIRE_OK(gpu->convert(gpu, n, d, prec(), wide, KFAC_F32));
+    compare(what, wide, ref, n, tol);
 }
 
 /* ---- element-wise ---- */
@@ -95,55 +223,56 @@ static void test_eltwise(void)
     float *dx_ = dev(NULL, n);
     REQUIRE_OK(cpu->fill(cpu, hx, 0.375f, n));
     REQUIRE_OK(gpu->fill(gpu, dx_, 0.375f, n));
-    compare("fill", dx_, hx, n, TOL_ELT); /* TOL_ELT: exact expected */
+    compare("fill", dx_, hx, n, TOL_ELT); /* TOL_ELT: exact expected (float32 op) */
     free(hx);
 
     float *x = rnd(n, 1.0, 0.0), *dy = rnd(n, 1.0, 0.0), *y = malloc(n * sizeof *y);
-    float *d_x = dev(x, n), *d_dy = dev(dy, n), *d_y = dev(NULL, n);
+    float *d_x = act(x, n), *d_dy = act(dy, n), *d_y = act(NULL, n);
     REQUIRE_OK(cpu->relu_forward(cpu, n, x, y));
     REQUIRE_OK(gpu->relu_forward(gpu, n, d_x, d_y));
-    compare("relu_forward", d_y, y, n, TOL_ELT); /* TOL_ELT */
+    compare_act("relu_forward", d_y, y, n, TOL(ELT)); /* TOL_ELT*: exact expected */
     for (int acc = 0; acc <= 1; acc++) {
-        float *g = rnd(n, 1.0, 0.0), *d_g = dev(g, n);
+        float *g = rnd(n, 1.0, 0.0), *d_g = act(g, n);
         REQUIRE_OK(cpu->relu_backward(cpu, n, y, dy, g, acc));
         REQUIRE_OK(gpu->relu_backward(gpu, n, d_y, d_dy, d_g, acc));
         snprintf(what, sizeof what, "relu_backward acc=%d", acc);
-        compare(what, d_g, g, n, TOL_ELT); /* TOL_ELT */
+        compare_act(what, d_g, g, n, TOL(ELT)); /* TOL_ELT* */
         free(g);
     }
 
-    float *b = rnd(n, 1.0, 0.0), *d_b = dev(b, n);
+    float *b = rnd(n, 1.0, 0.0), *d_b = act(b, n);
     for (int relu = 0; relu <= 1; relu++) {
         REQUIRE_OK(cpu->add_forward(cpu, n, x, b, y, relu));
         REQUIRE_OK(gpu->add_forward(gpu, n, d_x, d_b, d_y, relu));
         snprintf(what, sizeof what, "add_forward relu=%d", relu);
-        compare(what, d_y, y, n, TOL_ELT); /* TOL_ELT */
-        REQUIRE_OK(gpu->upload(gpu, d_y, y, n * sizeof *y)); /* same mask on both */
+        compare_act(what, d_y, y, n, TOL(ELT)); /* TOL_ELT* */
+        act_set(d_y, y, n); /* same mask on both */
         for (int acc = 0; acc <= 1; acc++) {
             float *ga = rnd(n, 1.0, 0.0), *gb = rnd(n, 1.0, 0.0);
-            float *d_ga = dev(ga, n), *d_gb = dev(gb, n);
+            float *d_ga = act(ga, n), *d_gb = act(gb, n);
             REQUIRE_OK(cpu->add_backward(cpu, n, y, dy, ga, acc, gb, !acc, relu));
             REQUIRE_OK(gpu->add_backward(gpu, n, d_y, d_dy, d_ga, acc, d_gb, !acc, relu));
             snprintf(what, sizeof what, "add_backward relu=%d da (acc=%d)", relu, acc);
-            compare(what, d_ga, ga, n, TOL_ELT); /* TOL_ELT */
+            compare_act(what, d_ga, ga, n, TOL(ELT)); /* TOL_ELT* */
             snprintf(what, sizeof what, "add_backward relu=%d db (acc=%d)", relu, !acc);
-            compare(what, d_gb, gb, n, TOL_ELT); /* TOL_ELT */
+            compare_act(what, d_gb, gb, n, TOL(ELT)); /* TOL_ELT* */
             free(ga);
             free(gb);
         }
     }
 
+    float *d_g32 = dev(dy, n); /* SGD's gradient is float32 */
     for (int nesterov = 0; nesterov <= 1; nesterov++) {
         float *p = rnd(n, 1.0, 0.0), *v = rnd(n, 0.1, 0.0);
         float *d_p = dev(p, n), *d_v = dev(v, n);
         for (int step = 0; step < 3; step++) {
             REQUIRE_OK(cpu->sgd_update(cpu, n, p, dy, v, 0.1f, 0.9f, 5e-4f, nesterov));
-            REQUIRE_OK(gpu->sgd_update(gpu, n, d_p, d_dy, d_v, 0.1f, 0.9f, 5e-4f, nesterov));
+            REQUIRE_OK(gpu->sgd_update(gpu, n, d_p, d_g32, d_v, 0.1f, 0.9f, 5e-4f, nesterov));
         }
         snprintf(what, sizeof what, "sgd_update nesterov=%d p (3 steps)", nesterov);
-        compare(what, d_p, p, n, TOL_ELT); /* TOL_ELT */
+        compare(what, d_p, p, n, TOL_ELT); /* TOL_ELT (float32 op) */
         snprintf(what, sizeof what, "sgd_update nesterov=%d v (3 steps)", nesterov);
-        compare(what, d_v, v, n, TOL_ELT); /* TOL_ELT */
+        compare(what, d_v, v, n, TOL_ELT); /* TOL_ELT (float32 op) */
         free(p);
         free(v);
     }
@@ -165,20 +294,26 @@ static void test_bn_shape(size_t m, int c, int relu)
     float *rmean = rnd(c, 0.1, 0.0), *rvar = rnd(c, 0.2, 1.0);
     float *y = malloc(n * sizeof *y), *smean = malloc(c * sizeof *smean),
           *sinv = malloc(c * sizeof *sinv);
-    float *d_x = dev(x, n), *d_gamma = dev(gamma, c), *d_beta = dev(beta, c);
+    float *d_x = act(x, n), *d_gamma = dev(gamma, c), *d_beta = dev(beta, c);
     float *d_rmean = dev(rmean, c), *d_rvar = dev(rvar, c);
-    float *d_y = dev(NULL, n), *d_smean = dev(NULL, c), *d_sinv = dev(NULL, c);
+    float *d_y = act(NULL, n), *d_smean = dev(NULL, c), *d_sinv = dev(NULL, c);
 
     REQUIRE_OK(cpu->bn_forward_train(cpu, m, c, x, gamma, beta, y, smean, sinv, rmean, rvar,
                                      momentum, eps, relu));
     REQUIRE_OK(gpu->bn_forward_train(gpu, m, c, d_x, d_gamma, d_beta, d_y, d_smean, d_sinv,
                                      d_rmean, d_rvar, momentum, eps, relu));
+    /* BN_CMP: float outputs (TOL_BN); BN_CMP_ACT: activations (TOL_BN*). */
 #define BN_CMP(name, d, h, len)                                                             \
     do {                                                                                    \
         snprintf(what, sizeof what, "bn %s m=%zu c=%d relu=%d", name, m, c, relu);          \
         compare(what, d, h, len, TOL_BN); /* TOL_BN */                                      \
     } while (0)
-    BN_CMP("train y", d_y, y, n);
+#define BN_CMP_ACT(name, d, h, len)                                                         \
+    do {                                                                                    \
+        snprintf(what, sizeof what, "bn %s m=%zu c=%d relu=%d", name, m, c, relu);          \
+        compare_act(what, d, h, len, TOL(BN)); /* TOL_BN* */                                \
+    } while (0)
+    BN_CMP_ACT("train y", d_y, y, n);
     BN_CMP("train save_mean", d_smean, smean, (size_t)c);
     BN_CMP("train save_invstd", d_sinv, sinv, (size_t)c);
     BN_CMP("train run_mean", d_rmean, rmean, (size_t)c);
@@ -190,27 +325,28 @@ static void test_bn_shape(size_t m, int c, int relu)
     REQUIRE_OK(gpu->upload(gpu, d_rvar, rvar, c * sizeof(float)));
     REQUIRE_OK(gpu->bn_forward_eval(gpu, m, c, d_x, d_gamma, d_beta, d_y, d_rmean, d_rvar, eps,
                                     relu));
-    BN_CMP("eval y", d_y, ye, n);
+    BN_CMP_ACT("eval y", d_y, ye, n);
 
     /* Backward from the CPU's forward outputs on both sides (same ReLU mask). */
-    REQUIRE_OK(gpu->upload(gpu, d_y, y, n * sizeof *y));
+    act_set(d_y, y, n);
     REQUIRE_OK(gpu->upload(gpu, d_smean, smean, c * sizeof(float)));
     REQUIRE_OK(gpu->upload(gpu, d_sinv, sinv, c * sizeof(float)));
-    float *dy = rnd(n, 1.0, 0.0), *d_dy = dev(dy, n);
+    float *dy = rnd(n, 1.0, 0.0), *d_dy = act(dy, n);
     float *dg = malloc(c * sizeof *dg), *db = malloc(c * sizeof *db);
     float *d_dg = dev(NULL, c), *d_db = dev(NULL, c);
     for (int acc = 0; acc <= 1; acc++) {
-        float *dx = rnd(n, 1.0, 0.0), *d_dx = dev(dx, n);
+        float *dx = rnd(n, 1.0, 0.0), *d_dx = act(dx, n);
         REQUIRE_OK(cpu->bn_backward(cpu, m, c, x, y, dy, gamma, smean, sinv, dx, acc, dg, db,
                                     relu));
         REQUIRE_OK(gpu->bn_backward(gpu, m, c, d_x, d_y, d_dy, d_gamma, d_smean, d_sinv, d_dx,
                                     acc, d_dg, d_db, relu));
-        BN_CMP(acc ? "backward dx (acc)" : "backward dx", d_dx, dx, n);
+        BN_CMP_ACT(acc ? "backward dx (acc)" : "backward dx", d_dx, dx, n);
         BN_CMP("backward dgamma", d_dg, dg, (size_t)c);
         BN_CMP("backward dbeta", d_db, db, (size_t)c);
         free(dx);
     }
 #undef BN_CMP
+#undef BN_CMP_ACT
     free(x); free(gamma); free(beta); free(rmean); free(rvar); free(y); free(smean);
     free(sinv); free(ye); free(dy); free(dg); free(db);
 }
@@ -231,22 +367,23 @@ static void test_maxpool(int n, int h, int w, int c, int k, int stride, int pad)
     kfac_pool_desc d;
     kfac_pool_desc_init(&d, n, h, w, c, k, stride, pad);
     size_t nx = (size_t)n * h * w * c, ny = (size_t)n * d.ho * d.wo * c;
-    /* Values on a 1/4 grid: ties, so the first-max rule is exercised. */
+    /* Values on a 1/4 grid (exact in 16 bits): ties, so the first-max rule
+     * is exercised. */
     float *x = rnd(nx, 1.0, 0.0);
     for (size_t i = 0; i < nx; i++) x[i] = (float)(int)(x[i] * 4.0f) / 4.0f;
     float *y = malloc(ny * sizeof *y), *dy = rnd(ny, 1.0, 0.0);
-    float *d_x = dev(x, nx), *d_y = dev(NULL, ny), *d_dy = dev(dy, ny);
+    float *d_x = act(x, nx), *d_y = act(NULL, ny), *d_dy = act(dy, ny);
     REQUIRE_OK(cpu->maxpool_forward(cpu, &d, x, y));
     REQUIRE_OK(gpu->maxpool_forward(gpu, &d, d_x, d_y));
     snprintf(what, sizeof what, "maxpool_forward %dx%dx%d k%d s%d p%d", h, w, c, k, stride, pad);
-    compare(what, d_y, y, ny, TOL_ELT); /* TOL_ELT: exact expected */
+    compare_act(what, d_y, y, ny, TOL(ELT)); /* TOL_ELT*: exact expected */
     for (int acc = 0; acc <= 1; acc++) {
-        float *dx = rnd(nx, 1.0, 0.0), *d_dx = dev(dx, nx);
+        float *dx = rnd(nx, 1.0, 0.0), *d_dx = act(dx, nx);
         REQUIRE_OK(cpu->maxpool_backward(cpu, &d, x, y, dy, dx, acc));
         REQUIRE_OK(gpu->maxpool_backward(gpu, &d, d_x, d_y, d_dy, d_dx, acc));
         snprintf(what, sizeof what, "maxpool_backward %dx%dx%d k%d s%d p%d acc=%d", h, w, c, k,
                  stride, pad, acc);
-        compare(what, d_dx, dx, nx, TOL_ELT); /* TOL_ELT */
+        compare_act(what, d_dx, dx, nx, TOL(ELT)); /* TOL_ELT* */
         free(dx);
     }
     free(x);
@@ -259,17 +396,17 @@ static void test_gap(int n, int hw, int c)
     char what[96];
     size_t nx = (size_t)n * hw * c, ny = (size_t)n * c;
     float *x = rnd(nx, 1.0, 0.0), *y = malloc(ny * sizeof *y), *dy = rnd(ny, 1.0, 0.0);
-    float *d_x = dev(x, nx), *d_y = dev(NULL, ny), *d_dy = dev(dy, ny);
+    float *d_x = act(x, nx), *d_y = act(NULL, ny), *d_dy = act(dy, ny);
     REQUIRE_OK(cpu->gap_forward(cpu, n, hw, c, x, y));
     REQUIRE_OK(gpu->gap_forward(gpu, n, hw, c, d_x, d_y));
     snprintf(what, sizeof what, "gap_forward n=%d hw=%d c=%d", n, hw, c);
-    compare(what, d_y, y, ny, TOL_ELT); /* TOL_ELT */
+    compare_act(what, d_y, y, ny, TOL(ELT)); /* TOL_ELT* */
     for (int acc = 0; acc <= 1; acc++) {
-        float *dx = rnd(nx, 1.0, 0.0), *d_dx = dev(dx, nx);
+        float *dx = rnd(nx, 1.0, 0.0), *d_dx = act(dx, nx);
         REQUIRE_OK(cpu->gap_backward(cpu, n, hw, c, dy, dx, acc));
         REQUIRE_OK(gpu->gap_backward(gpu, n, hw, c, d_dy, d_dx, acc));
         snprintf(what, sizeof what, "gap_backward n=%d hw=%d c=%d acc=%d", n, hw, c, acc);
-        compare(what, d_dx, dx, nx, TOL_ELT); /* TOL_ELT */
+        compare_act(what, d_dx, dx, nx, TOL(ELT)); /* TOL_ELT* */
         free(dx);
     }
     free(x);
@@ -279,38 +416,39 @@ static void test_gap(int n, int hw, int c)
 
 /* ---- loss ---- */
 
-static void test_xent(int n, int classes, float smoothing, int with_grad)
+static void test_xent(int n, int classes, float smoothing, int with_grad, float grad_scale)
 {
     char what[96];
     size_t nz = (size_t)n * classes;
     float *z = rnd(nz, 5.0, 0.0), *g = malloc(nz * sizeof *g);
     int32_t *labels = malloc(n * sizeof *labels);
     for (int i = 0; i < n; i++) labels[i] = (int32_t)((test_uniform(&seed) + 1.0) / 2.0 * classes);
-    float *d_z = dev(z, nz), *d_g = dev(NULL, nz);
+    float *d_z = act(z, nz), *d_g = act(NULL, nz);
     int32_t *d_labels = dev_bytes(labels, n * sizeof *labels);
     double loss_c = 0, loss_g = 0;
     int hits_c = -1, hits_g = -2;
-    REQUIRE_OK(cpu->softmax_xent(cpu, n, classes, z, labels, smoothing, with_grad ? g : NULL,
-                                 &loss_c, &hits_c));
-    REQUIRE_OK(gpu->softmax_xent(gpu, n, classes, d_z, d_labels, smoothing,
+    REQUIRE_OK(cpu->softmax_xent(cpu, n, classes, z, labels, smoothing, grad_scale,
+                                 with_grad ? g : NULL, &loss_c, &hits_c));
+    REQUIRE_OK(gpu->softmax_xent(gpu, n, classes, d_z, d_labels, smoothing, grad_scale,
                                  with_grad ? d_g : NULL, &loss_g, &hits_g));
     double err = fabs(loss_g - loss_c) / fmax(fabs(loss_c), ERR_FLOOR);
     snprintf(what, sizeof what, "softmax_xent loss_sum n=%d classes=%d", n, classes);
-    printf("  %-50s max rel err %.2e (tol %.0e)\n", what, err, TOL_XENT);
+    printf("  %s %-50s max rel err %.2e (tol %.1e)\n", kfac_dtype_name(prec()), what, err,
+           TOL_XENT);
     CHECK(err <= TOL_XENT, "loss %.9g vs cpu %.9g", loss_g, loss_c); /* TOL_XENT */
     CHECK(hits_g == hits_c, "correct %d vs cpu %d", hits_g, hits_c);  /* exact */
     if (with_grad) {
-        snprintf(what, sizeof what, "softmax_xent dlogits n=%d classes=%d eps=%.1f", n, classes,
-                 smoothing);
-        compare(what, d_g, g, nz, TOL_XENT); /* TOL_XENT */
+        snprintf(what, sizeof what, "softmax_xent dlogits n=%d classes=%d eps=%.1f scale=%g", n,
+                 classes, smoothing, grad_scale);
+        compare_act(what, d_g, g, nz, TOL(XENT)); /* TOL_XENT* */
     }
     /* A label out of range is EINVAL on both. */
     labels[n / 2] = classes;
     REQUIRE_OK(gpu->upload(gpu, d_labels, labels, n * sizeof *labels));
-    kfac_status sc = cpu->softmax_xent(cpu, n, classes, z, labels, smoothing, NULL, &loss_c,
-                                       &hits_c);
-    kfac_status sg = gpu->softmax_xent(gpu, n, classes, d_z, d_labels, smoothing, NULL, &loss_g,
-                                       &hits_g);
+    kfac_status sc = cpu->softmax_xent(cpu, n, classes, z, labels, smoothing, 1.0f, NULL,
+                                       &loss_c, &hits_c);
+    kfac_status sg = gpu->softmax_xent(gpu, n, classes, d_z, d_labels, smoothing, 1.0f, NULL,
+                                       &loss_g, &hits_g);
     CHECK(sc == KFAC_EINVAL && sg == KFAC_EINVAL, "bad label: cpu %d, gpu %d (%s)", sc, sg,
           kfac_last_error());
     free(z);
@@ -322,7 +460,9 @@ static void test_xent(int n, int classes, float smoothing, int with_grad)
 
 /* One geometry's host inputs (x, w, bias, dy), the CPU's workspace and the
  * device copies; the GPU workspace is sized by conv_workspace for the full
- * batch and reused for a partial one, as the model does. */
+ * batch and reused for a partial one, as the model does.  d_w holds the
+ * float32 weights as drawn (the GPU rounds them itself in 16-bit passes),
+ * w their rounded values for the CPU. */
 typedef struct conv_case {
     kfac_conv_desc d;
     size_t nx, ny, nw;
@@ -334,13 +474,13 @@ static void conv_check_forward(const conv_case *t, const kfac_conv_desc *d, cons
 {
     char what[96];
     size_t ny = (size_t)d->n * d->ho * d->wo * d->k;
-    float *y = malloc(ny * sizeof *y), *d_y = dev(NULL, ny);
+    float *y = malloc(ny * sizeof *y), *d_y = act(NULL, ny);
     for (int with_bias = 0; with_bias <= 1; with_bias++) {
         const float *b = with_bias ? t->bias : NULL, *d_b = with_bias ? t->d_bias : NULL;
         REQUIRE_OK(cpu->conv_forward(cpu, d, t->x, t->w, b, y, t->cpu_ws));
         REQUIRE_OK(gpu->conv_forward(gpu, d, t->d_x, t->d_w, d_b, d_y, t->gpu_ws));
         snprintf(what, sizeof what, "conv fwd %s%s", tag, with_bias ? " +bias" : "");
-        compare(what, d_y, y, ny, TOL_CONV); /* TOL_CONV */
+        compare_act(what, d_y, y, ny, TOL(CONV)); /* TOL_CONV* */
     }
     free(y);
 }
@@ -355,16 +495,16 @@ static void conv_check_backward(const conv_case *t, const kfac_conv_desc *d, con
     float *junk_w = rnd(t->nw, 100.0, 0.0), *junk_b = rnd(k, 100.0, 0.0);
     float *d_dw = dev(junk_w, t->nw), *d_db = dev(junk_b, k);
     for (int acc = 0; acc <= 1; acc++) {
-        float *dx = rnd(nx, 1.0, 0.0), *d_dx = dev(dx, nx);
+        float *dx = rnd(nx, 1.0, 0.0), *d_dx = act(dx, nx);
         REQUIRE_OK(cpu->conv_backward(cpu, d, t->x, t->w, t->dy, dx, acc, dw, db, t->cpu_ws));
         REQUIRE_OK(gpu->conv_backward(gpu, d, t->d_x, t->d_w, t->d_dy, d_dx, acc, d_dw, d_db,
                                        t->gpu_ws));
         snprintf(what, sizeof what, "conv bwd %s dx%s", tag, acc ? " (acc)" : "");
-        compare(what, d_dx, dx, nx, TOL_CONV); /* TOL_CONV */
+        compare_act(what, d_dx, dx, nx, TOL(CONV)); /* TOL_CONV* */
         snprintf(what, sizeof what, "conv bwd %s dw", tag);
-        compare(what, d_dw, dw, t->nw, TOL_CONV); /* TOL_CONV */
+        compare(what, d_dw, dw, t->nw, TOL(CONV)); /* TOL_CONV*: float, rounded by cuDNN */
         snprintf(what, sizeof what, "conv bwd %s db", tag);
-        compare(what, d_db, db, k, TOL_CONV); /* TOL_CONV */
+        compare(what, d_db, db, k, TOL_CONV); /* TOL_CONV: float sums of the same dy */
         REQUIRE_OK(gpu->upload(gpu, d_dw, junk_w, t->nw * sizeof *junk_w));
         REQUIRE_OK(gpu->upload(gpu, d_db, junk_b, k * sizeof *junk_b));
         free(dx);
@@ -374,14 +514,33 @@ static void conv_check_backward(const conv_case *t, const kfac_conv_desc *d, con
     REQUIRE_OK(gpu->conv_backward(gpu, d, t->d_x, t->d_w, t->d_dy, NULL, 0, d_dw, NULL,
                                   t->gpu_ws));
     snprintf(what, sizeof what, "conv bwd %s dw only", tag);
-    compare(what, d_dw, dw, t->nw, TOL_CONV); /* TOL_CONV */
+    compare(what, d_dw, dw, t->nw, TOL(CONV)); /* TOL_CONV* */
     free(dw); free(db); free(junk_w); free(junk_b);
+}
+
+/* An empty batch: no output, zero weight and bias gradients. */
+static void conv_check_empty(const conv_case *t, const char *tag)
+{
+    char what[96];
+    kfac_conv_desc none = t->d;
+    none.n = 0;
+    size_t k = (size_t)t->d.k;
+    float *zeros = calloc(t->nw, sizeof *zeros);
+    float *junk_w = rnd(t->nw, 100.0, 0.0), *junk_b = rnd(k, 100.0, 0.0);
+    float *d_dw = dev(junk_w, t->nw), *d_db = dev(junk_b, k);
+    REQUIRE_OK(gpu->conv_backward(gpu, &none, t->d_x, t->d_w, t->d_dy, NULL, 0, d_dw, d_db,
+                                  t->gpu_ws));
+    snprintf(what, sizeof what, "conv bwd %s n=0 dw", tag);
+    compare(what, d_dw, zeros, t->nw, 0.0); /* exact zeros */
+    snprintf(what, sizeof what, "conv bwd %s n=0 db", tag);
+    compare(what, d_db, zeros, k, 0.0); /* exact zeros (k <= nw) */
+    free(zeros); free(junk_w); free(junk_b);
 }
 
 static void test_conv(int n, int h, int w, int c, int k, int kh, int stride, int pad)
 {
     conv_case t;
-    char tag[64], algos[160];
+    char tag[64], algos[192];
     kfac_conv_desc_init(&t.d, n, h, w, c, k, kh, kh, stride, pad);
     const kfac_conv_desc *d = &t.d;
     t.nx = (size_t)n * h * w * c;
@@ -392,8 +551,11 @@ static void test_conv(int n, int h, int w, int c, int k, int kh, int stride, int
     t.w = rnd(t.nw, 1.0 / sqrt((double)kh * kh * c), 0.0);
     t.bias = rnd((size_t)k, 1.0, 0.0);
     t.dy = rnd(t.ny, 1.0, 0.0);
-    t.d_x = dev(t.x, t.nx); t.d_w = dev(t.w, t.nw);
-    t.d_bias = dev(t.bias, (size_t)k); t.d_dy = dev(t.dy, t.ny);
+    t.d_x = act(t.x, t.nx);
+    t.d_w = dev(t.w, t.nw); /* float32 masters, as drawn */
+    for (size_t i = 0; i < t.nw; i++) t.w[i] = round_to(prec(), t.w[i]); /* as the GPU uses them */
+    t.d_bias = dev(t.bias, (size_t)k);
+    t.d_dy = act(t.dy, t.ny);
     t.cpu_ws = malloc(cpu->conv_workspace(cpu, d) + 1);
     size_t ws = gpu->conv_workspace(gpu, d);
     t.gpu_ws = dev_bytes(NULL, ws);
@@ -408,6 +570,7 @@ static void test_conv(int n, int h, int w, int c, int k, int kh, int stride, int
 
     conv_check_forward(&t, d, tag);
     conv_check_backward(&t, d, tag);
+    conv_check_empty(&t, tag);
     if (n > 1) { /* a partial batch in the full batch's workspace */
         kfac_conv_desc part = *d;
         part.n = n / 2;
@@ -425,68 +588,171 @@ static void test_convs(void)
     test_conv(2, 9, 9, 16, 24, 3, 2, 1);  /* 3x3 stride 2, odd size: downsampling */
     test_conv(3, 7, 7, 32, 64, 1, 1, 0);  /* 1x1 expand/reduce */
     test_conv(2, 8, 8, 32, 16, 1, 2, 0);  /* 1x1 stride 2: projection shortcut */
-    test_conv(2, 32, 32, 3, 64, 7, 2, 3); /* the stem on a small image */
-    test_conv(8, 1, 1, 64, 10, 1, 1, 0);  /* the fully connected layer */
+    test_conv(2, 32, 32, 3, 64, 7, 2, 3); /* the stem on a small image (3 channels) */
+    test_conv(8, 1, 1, 64, 10, 1, 1, 0);  /* the fully connected layer (with bias) */
     test_conv(3, 5, 6, 3, 5, 3, 1, 1);    /* odd channels, non-square image */
 }
 
-/* ---- mixed-precision conversions (kernels.h, not in the op table) ---- */
+/* ---- conversions and gradient scaling (float32 / any type) ---- */
 
-#ifdef KFAC_HAVE_CUDA
-static uint16_t bf16_rne(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
+/* Every type to every type, through device buffers: f32 -> s -> t -> f32
+ * must give round_to(t, round_to(s, x)) exactly (one rounding per
+ * narrowing; widening is exact), and f32 -> bf16 the host's RNE bits. */
 static void test_conversions(void)
 {
+    static const kfac_dtype types[3] = {KFAC_F32, KFAC_BF16, KFAC_F16};
     const size_t n = 100003;
-    cudaStream_t s = kfac__cuda(gpu)->stream;
-    float *x = rnd(n, 1.0, 0.0), *back = malloc(n * sizeof *back);
-    /* Normal fp16 range: |x| in [1e-3, 1e3]. */
-    for (size_t i = 0; i < n; i++) x[i] = copysignf(powf(10.0f, 3.0f * x[i]), x[i]);
-    uint16_t *h16 = malloc(n * sizeof *h16);
+    char what[96];
+    /* |x| from 1e-6 to 1e4: fp16 subnormals (below 6.1e-5) to large fp16
+     * normals (the largest is 65504); random signs. */
+    float *x = rnd(n, 1.0, 0.0), *sign = rnd(n, 1.0, 0.0), *back = malloc(n * sizeof *back);
+    for (size_t i = 0; i < n; i++) x[i] = copysignf(powf(10.0f, -1.0f + 5.0f * x[i]), sign[i]);
     float *d_x = dev(x, n), *d_back = dev(NULL, n);
-    uint16_t *d_16 = dev_bytes(NULL, n * sizeof(uint16_t));
-
-    REQUIRE_OK(kfac_k_f32_to_bf16(n, d_x, d_16, s) == cudaSuccess ? KFAC_OK : KFAC_EBACKEND);
+    for (int a = 0; a < 3; a++) {
+        kfac_dtype s = types[a];
+        void *d_s = dev_bytes(NULL, n * kfac_dtype_size(s));
+        REQUIRE_OK(gpu->convert(gpu, n, d_x, KFAC_F32, d_s, s));
+        for (int b = 0; b < 3; b++) {
+            kfac_dtype t = types[b];
+            void *d_t = dev_bytes(NULL, n * kfac_dtype_size(t));
+            REQUIRE_OK(gpu->convert(gpu, n, d_s, s, d_t, t));
+            REQUIRE_OK(gpu->convert(gpu, n, d_t, t, d_back, KFAC_F32));
+            REQUIRE_OK(gpu->download(gpu, back, d_back, n * sizeof *back));
+            size_t wrong = 0;
+            for (size_t i = 0; i < n; i++) {
+                float want = round_to(t, round_to(s, x[i]));
+                wrong += memcmp(&back[i], &want, sizeof want) != 0;
+            }
+            snprintf(what, sizeof what, "convert fp32 -> %s -> %s -> fp32", kfac_dtype_name(s),
+                     kfac_dtype_name(t));
+            printf("  %-50s %zu of %zu differ from host RNE\n", what, wrong, n);
+            CHECK(wrong == 0, "%s: %zu wrong", what, wrong); /* bit-exact */
+        }
+    }
+    uint16_t *h16 = malloc(n * sizeof *h16);
+    void *d_16 = dev_bytes(NULL, n * sizeof *h16);
+    REQUIRE_OK(gpu->convert(gpu, n, d_x, KFAC_F32, d_16, KFAC_BF16));
     REQUIRE_OK(gpu->download(gpu, h16, d_16, n * sizeof *h16));
     size_t wrong = 0;
     for (size_t i = 0; i < n; i++) wrong += h16[i] != bf16_rne(x[i]);
-    printf("  %-50s %zu of %zu differ from host RNE\n", "f32_to_bf16", wrong, n);
-    CHECK(wrong == 0, "bf16 rounding"); /* bit-exact */
-    REQUIRE_OK(kfac_k_bf16_to_f32(n, d_16, d_back, s) == cudaSuccess ? KFAC_OK : KFAC_EBACKEND);
-    REQUIRE_OK(gpu->download(gpu, back, d_back, n * sizeof *back));
-    wrong = 0;
-    for (size_t i = 0; i < n; i++) {
-        uint32_t u = (uint32_t)h16[i] << 16;
-        float f;
-        memcpy(&f, &u, sizeof f);
-        wrong += back[i] != f;
-    }
-    CHECK(wrong == 0, "bf16_to_f32: %zu wrong", wrong); /* bit-exact */
-
-    REQUIRE_OK(kfac_k_f32_to_f16(n, d_x, d_16, s) == cudaSuccess ? KFAC_OK : KFAC_EBACKEND);
-    REQUIRE_OK(kfac_k_f16_to_f32(n, d_16, d_back, s) == cudaSuccess ? KFAC_OK : KFAC_EBACKEND);
-    REQUIRE_OK(gpu->download(gpu, back, d_back, n * sizeof *back));
-    double worst = 0;
-    for (size_t i = 0; i < n; i++) {
-        double e = fabs((double)back[i] - x[i]) / fabs(x[i]);
-        if (!(e <= worst)) worst = e;
-    }
-    printf("  %-50s max rel err %.2e (tol %.2e)\n", "f32 -> f16 -> f32", worst, ldexp(1.0, -11));
-    CHECK(worst <= ldexp(1.0, -11), "fp16 round trip %.3e", worst); /* half an ulp */
+    CHECK(wrong == 0, "f32 -> bf16 bits: %zu wrong", wrong); /* bit-exact */
+    REQUIRE_OK(gpu->convert(gpu, 0, d_x, KFAC_F32, d_16, KFAC_F16)); /* nothing to do */
+    kfac_status st = gpu->convert(gpu, n, d_x, KFAC_F32, d_16, (kfac_dtype)7);
+    CHECK(st == KFAC_EINVAL, "convert to an unknown type: %d", st);
     free(x);
+    free(sign);
     free(back);
     free(h16);
 }
-#endif
+
+/* g *= scale must be the float product bit for bit, and finite == 0 exactly
+ * when a product is inf or nan (planted inf, nan, and an overflow). */
+static void test_scale_grads(void)
+{
+    const size_t n = 1000003;
+    const float scale = 0.37f;
+    float *g = rnd(n, 1.0, 0.0), *got = malloc(n * sizeof *got), *want = malloc(n * sizeof *want);
+    for (size_t i = 0; i < n; i++) want[i] = g[i] * scale;
+    float *d_g = dev(g, n);
+    int finite = -1;
+    REQUIRE_OK(gpu->scale_grads(gpu, n, d_g, scale, &finite));
+    REQUIRE_OK(gpu->download(gpu, got, d_g, n * sizeof *got));
+    size_t wrong = 0;
+    for (size_t i = 0; i < n; i++) wrong += memcmp(&got[i], &want[i], sizeof *got) != 0;
+    printf("  %s %-50s %zu of %zu differ, finite %d\n", kfac_dtype_name(prec()), "scale_grads",
+           wrong, n, finite);
+    CHECK(wrong == 0 && finite == 1, "scale_grads: %zu wrong, finite %d", wrong, finite);
+
+    const float bad[3] = {INFINITY, NAN, 3e38f}; /* 3e38 * 4 overflows */
+    const size_t at[3] = {0, n / 2, n - 1};
+    for (int b = 0; b < 3; b++) {
+        REQUIRE_OK(gpu->upload(gpu, d_g, g, n * sizeof *g));
+        REQUIRE_OK(gpu->upload(gpu, d_g + at[b], &bad[b], sizeof *bad));
+        finite = -1;
+        REQUIRE_OK(gpu->scale_grads(gpu, n, d_g, 4.0f, &finite));
+        CHECK(finite == 0, "scale_grads with %g at %zu: finite %d", bad[b], at[b], finite);
+    }
+    REQUIRE_OK(gpu->upload(gpu, d_g, g, n * sizeof *g)); /* the flag starts clear again */
+    finite = -1;
+    REQUIRE_OK(gpu->scale_grads(gpu, n, d_g, 4.0f, &finite));
+    CHECK(finite == 1, "scale_grads after a non-finite call: finite %d", finite);
+    finite = -1;
+    REQUIRE_OK(gpu->scale_grads(gpu, 0, d_g, 4.0f, &finite));
+    CHECK(finite == 1, "scale_grads of nothing: finite %d", finite);
+    free(g);
+    free(got);
+    free(want);
+}
+
+/* ---- asynchronous uploads ---- */
+
+/* upload_async into a buffer that queued work still reads: that work sees
+ * the old values (the copy waits for it), work queued after upload_join
+ * the new ones; upload_wait then lets the host reuse the source.  Pinned
+ * source, as the trainer's loader gives.  In the float32 pass only (ReLU
+ * reads the buffers as activations). */
+static void test_upload_async(void)
+{
+    const size_t n = (size_t)8 << 20; /* 32 MiB: the copy takes a while */
+    float *h_old = rnd(n, 2.0, -1.0), *h_new = gpu->host_alloc(gpu, n * sizeof(float));
+    float *got = malloc(n * sizeof *got), *want_old = malloc(n * sizeof *want_old);
+    REQUIRE_OK(h_new ? KFAC_OK : KFAC_ERR(KFAC_ENOMEM, "host_alloc"));
+    for (size_t i = 0; i < n; i++) {
+        h_new[i] = -h_old[i];
+        want_old[i] = fmaxf(h_old[i], 0.0f);
+    }
+    float *d_x = dev(h_old, n), *d_before = dev(NULL, n), *d_after = dev(NULL, n);
+    for (int rep = 0; rep < 8; rep++) REQUIRE_OK(gpu->relu_forward(gpu, n, d_x, d_before));
+    REQUIRE_OK(gpu->upload_async(gpu, d_x, h_new, n * sizeof(float)));
+    REQUIRE_OK(gpu->upload_join(gpu));
+    REQUIRE_OK(gpu->relu_forward(gpu, n, d_x, d_after));
+    REQUIRE_OK(gpu->upload_wait(gpu));
+    REQUIRE_OK(gpu->download(gpu, got, d_before, n * sizeof *got));
+    size_t wrong_before = 0, wrong_after = 0;
+    for (size_t i = 0; i < n; i++) wrong_before += got[i] != want_old[i];
+    REQUIRE_OK(gpu->download(gpu, got, d_after, n * sizeof *got));
+    for (size_t i = 0; i < n; i++) wrong_after += got[i] != fmaxf(h_new[i], 0.0f);
+    printf("  %s %-50s %zu / %zu wrong before / after the copy\n", kfac_dtype_name(prec()),
+           "upload_async ordering", wrong_before, wrong_after);
+    CHECK(wrong_before == 0, "work queued before upload_async saw %zu new values", wrong_before);
+    CHECK(wrong_after == 0, "work queued after upload_join saw %zu old values", wrong_after);
+    gpu->host_release(gpu, h_new);
+    free(h_old);
+    free(got);
+    free(want_old);
+}
+
+/* ---- one pass per precision ---- */
+
+static void run_pass(void)
+{
+    test_eltwise();
+    test_bn();
+    test_maxpool(2, 9, 9, 5, 3, 2, 1);   /* ResNet stem pooling: overlapping windows */
+    test_maxpool(3, 8, 8, 16, 2, 2, 0);
+    test_maxpool(2, 7, 6, 3, 3, 1, 1);
+    test_gap(4, 49, 64);
+    test_gap(3, 1, 10);
+    test_xent(300, 10, 0.1f, 1, 1.0f);
+    test_xent(64, 1000, 0.0f, 1, 128.0f); /* a loss scale, as fp16 training uses */
+    test_xent(5, 37, 0.2f, 0, 1.0f);
+    test_convs();
+    test_scale_grads();
+    if (prec() == KFAC_F32) {
+        test_conversions();
+        test_upload_async();
+    }
+    /* Convolutions are planned: the precision is fixed now. */
+    kfac_dtype other = prec() == KFAC_F16 ? KFAC_BF16 : KFAC_F16;
+    CHECK(kfac_backend_set_precision(gpu, other) == KFAC_EINVAL,
+          "set_precision(%s) after planning a %s convolution", kfac_dtype_name(other),
+          kfac_dtype_name(prec()));
+    CHECK_OK(kfac_backend_set_precision(gpu, prec()));
+}
 
 int main(void)
 {
+    static const kfac_dtype precs[3] = {KFAC_F32, KFAC_BF16, KFAC_F16};
     kfac_status st = kfac_backend_get("cuda", 0, &gpu);
     if (st == KFAC_ENOTSUP || st == KFAC_ENODEV) {
         printf("test_cuda_ops: skipped: no GPU (%s)\n", kfac_last_error());
@@ -499,24 +765,18 @@ int main(void)
            kfac__cuda(gpu)->device, kfac__cuda(gpu)->device_name, cudnnGetVersion(), CUDNN_MAJOR,
            CUDNN_MINOR, CUDNN_PATCHLEVEL, kfac__cuda(gpu)->allow_tf32 ? "on" : "off");
 #endif
-
-    test_eltwise();
-    test_bn();
-    test_maxpool(2, 9, 9, 5, 3, 2, 1);   /* ResNet stem pooling: overlapping windows */
-    test_maxpool(3, 8, 8, 16, 2, 2, 0);
-    test_maxpool(2, 7, 6, 3, 3, 1, 1);
-    test_gap(4, 49, 64);
-    test_gap(3, 1, 10);
-    test_xent(300, 10, 0.1f, 1);
-    test_xent(64, 1000, 0.0f, 1);
-    test_xent(5, 37, 0.2f, 0);
-    test_convs();
-#ifdef KFAC_HAVE_CUDA
-    test_conversions();
-#endif
-
-    for (int i = 0; i < dev_count; i++) gpu->release(gpu, dev_ptrs[i]);
-    kfac_backend_free(gpu);
+    for (int p = 0; p < 3; p++) {
+        if (p > 0) { /* a fresh backend: the precision is set before any convolution */
+            REQUIRE_OK(kfac_backend_get("cuda", 0, &gpu));
+            REQUIRE_OK(kfac_backend_set_precision(gpu, precs[p]));
+        }
+        printf("test_cuda_ops: activations %s\n", kfac_dtype_name(precs[p]));
+        run_pass();
+        for (int i = 0; i < dev_count; i++) gpu->release(gpu, dev_ptrs[i]);
+        dev_count = 0;
+        kfac_backend_free(gpu);
+        gpu = NULL;
+    }
     kfac_backend_free(cpu);
     return test_summary("test_cuda_ops");
 }

@@ -406,22 +406,46 @@ static void test_softmax_xent(void)
     float g[6];
     double loss;
     int correct;
-    CHECK_OK(be->softmax_xent(be, 1, 3, logits, labels, 0.0f, g, &loss, &correct));
+    CHECK_OK(be->softmax_xent(be, 1, 3, logits, labels, 0.0f, 1.0f, g, &loss, &correct));
     CHECK(fabs(loss - 0.40760596444) < 1e-6, "loss %.10f", loss);
     CHECK(correct == 1, "correct %d", correct);
     double p2 = exp(3) / (exp(1) + exp(2) + exp(3));
     CHECK(fabs(g[2] - (p2 - 1)) < 1e-6, "dlogit %g vs %g", g[2], p2 - 1);
-    CHECK_OK(be->softmax_xent(be, 1, 3, logits, labels, 0.1f, g, &loss, &correct));
+    CHECK_OK(be->softmax_xent(be, 1, 3, logits, labels, 0.1f, 1.0f, g, &loss, &correct));
     CHECK(fabs(loss - 0.50760596444) < 1e-6, "smoothed loss %.10f", loss);
     /* two rows: mean gradient, one correct of two */
-    CHECK_OK(be->softmax_xent(be, 2, 3, logits, labels, 0.0f, g, &loss, &correct));
+    CHECK_OK(be->softmax_xent(be, 2, 3, logits, labels, 0.0f, 1.0f, g, &loss, &correct));
     CHECK(correct == 1, "correct %d of 2", correct);
     double lse2 = log(exp(3) + exp(1) + exp(2));
     CHECK(fabs(loss - (0.40760596444 + lse2 - 1)) < 1e-6, "sum loss %.10f", loss);
     CHECK(fabs(g[4] - (exp(1 - lse2) - 1) / 2) < 1e-6, "mean gradient %g", g[4]);
+    /* a loss scale multiplies the gradient only (fp16 training) */
+    CHECK_OK(be->softmax_xent(be, 2, 3, logits, labels, 0.0f, 1024.0f, g, &loss, &correct));
+    CHECK(fabs(loss - (0.40760596444 + lse2 - 1)) < 1e-6, "scaled: sum loss %.10f", loss);
+    CHECK(fabs(g[4] - 512 * (exp(1 - lse2) - 1)) < 1e-3, "scaled gradient %g", g[4]);
     int32_t bad[1] = {3};
-    CHECK(be->softmax_xent(be, 1, 3, logits, bad, 0.0f, g, &loss, &correct) == KFAC_EINVAL,
+    CHECK(be->softmax_xent(be, 1, 3, logits, bad, 0.0f, 1.0f, g, &loss, &correct) == KFAC_EINVAL,
           "label out of range rejected");
+}
+
+/* ---- gradient unscaling (dynamic loss scaling) ---- */
+
+static void test_scale_grads(void)
+{
+    float g[5] = {1, -2, 3, 4096, 0.5f};
+    int finite = -1;
+    CHECK_OK(be->scale_grads(be, 5, g, 0.25f, &finite));
+    CHECK(finite == 1 && g[0] == 0.25f && g[1] == -0.5f && g[3] == 1024 && g[4] == 0.125f,
+          "scaled: finite %d, %g %g %g %g", finite, g[0], g[1], g[3], g[4]);
+    g[2] = INFINITY;
+    CHECK_OK(be->scale_grads(be, 5, g, 1.0f, &finite));
+    CHECK(finite == 0, "inf found: finite %d", finite);
+    g[2] = NAN;
+    CHECK_OK(be->scale_grads(be, 5, g, 1.0f, &finite));
+    CHECK(finite == 0, "nan found: finite %d", finite);
+    g[2] = 3e38f; /* finite, but not after scaling */
+    CHECK_OK(be->scale_grads(be, 5, g, 4.0f, &finite));
+    CHECK(finite == 0, "overflow by scaling found: finite %d", finite);
 }
 
 int main(void)
@@ -438,6 +462,7 @@ int main(void)
     test_unary(3, "maxpool 2x2/2", 2, 6, 4, 2, 2, 2, 0);
     test_unary(4, "global avg pool", 3, 4, 5, 3, 1, 1, 0);
     test_softmax_xent();
+    test_scale_grads();
     kfac_backend_free(be);
     return test_summary("test_layers");
 }

@@ -3,7 +3,10 @@
  * encode their own coordinates; the resize itself is tested against Pillow
  * and a double-precision reference in test_prep), and the loader: the same
  * pieces whatever the prefetch depth, ranks' shares disjoint and covering
- * the epoch, a cursor that resumes exactly, read errors and wait time. */
+ * the epoch, a cursor that resumes exactly, read errors and wait time;
+ * and the trainer's feed into a model (pieces bound in order with their own
+ * labels through two alternating input buffers). */
+#include "core/feed.h"
 #include "kfac/kfac_dataset.h"
 #include "kfac/kfac_loader.h"
 #include "testutil.h"
@@ -336,6 +339,78 @@ static void test_loader_failure_and_wait(void)
     kfac_batcher_free(b);
 }
 
+/* The feed: every piece of an epoch bound to the model's input in order,
+ * images matching their labels (channel 2 holds the index), the two input
+ * buffers alternating, the epoch's end reported, and a restart at the next epoch giving a fresh loader's
+ * first piece. */
+static void test_feed(void)
+{
+    enum { H = 20, W = 16, PIECES = LN / LBATCH * (LBATCH / LPIECE) };
+    coord_dataset d = coord_make(LN, H, W, 0);
+    kfac_batcher_config cfg = raw_config(LBATCH, KFAC_AUGMENT_NONE, 0);
+    kfac_batcher *b = NULL;
+    kfac_backend *be = NULL;
+    kfac_model *m = NULL;
+    kfac_loader *l = NULL;
+    kfac_feed *f = NULL;
+    CHECK_OK(kfac_batcher_init(&b, &d.base, &cfg));
+    CHECK_OK(kfac_backend_get("cpu", 2, &be));
+    if (!b || !be) return;
+    CHECK_OK(kfac_model_init(&m, be, LPIECE, H, W, COORD_CHANNELS));
+    kfac_model_fc(m, kfac_model_gap(m, 0), 10, "fc");
+    CHECK_OK(kfac_model_finalize(m, 1));
+    kfac_loader_config lc = {.first = 0, .count = LBATCH, .piece = LPIECE, .depth = 2};
+    CHECK_OK(kfac_loader_init(&l, b, &lc));
+    CHECK_OK(kfac__feed_init(&f, m, l));
+    if (!f) return;
+    CHECK_OK(kfac__feed_start(f, (kfac_loader_cursor){0, 0}));
+    int seen[LN] = {0}, bad_order = 0, bad_image = 0, same_buffer = 0;
+    const float *prev_input = NULL;
+    kfac_loader_piece p;
+    for (int k = 0; k < PIECES; k++) {
+        CHECK_OK(kfac__feed_take(f, k == PIECES - 1, &p));
+        bad_order += p.n != LPIECE || p.batch != (size_t)(k / (LBATCH / LPIECE)) ||
+                     p.index != k % (LBATCH / LPIECE);
+        const float *x = kfac_model_input(m);
+        same_buffer += x == prev_input;
+        for (int i = 0; i < p.n; i++) {
+            bad_image += at(x + (size_t)i * H * W * COORD_CHANNELS, W, 0, 0, 2) !=
+                         (float)(p.labels[i] & 255);
+            if (p.labels[i] >= 0 && p.labels[i] < LN) seen[p.labels[i]]++;
+        }
+        prev_input = x;
+    }
+    int once = 0;
+    for (int i = 0; i < LN; i++) once += seen[i] == 1;
+    CHECK(bad_order == 0 && bad_image == 0 && once == LN,
+          "feed: %d pieces out of order, %d images not their label's, %d of %d images once",
+          bad_order, bad_image, once, LN);
+    CHECK(same_buffer == 0, "feed: %d pieces in the buffer of the one before", same_buffer);
+    CHECK_OK(kfac__feed_take(f, 0, &p));
+    CHECK(p.n == 0, "feed: the epoch is over after %d pieces (got %d more images)", PIECES, p.n);
+
+    /* epoch 1 from a restart against a fresh loader's first piece */
+    CHECK_OK(kfac__feed_start(f, (kfac_loader_cursor){1, 0}));
+    CHECK_OK(kfac__feed_take(f, 0, &p));
+    kfac_loader *fresh = NULL;
+    kfac_loader_piece q;
+    CHECK_OK(kfac_loader_init(&fresh, b, &lc));
+    CHECK_OK(kfac_loader_start(fresh, (kfac_loader_cursor){1, 0}));
+    CHECK_OK(kfac_loader_next(fresh, &q));
+    size_t bytes = (size_t)LPIECE * H * W * COORD_CHANNELS * sizeof(float);
+    CHECK(p.n == q.n && p.batch == 0 && p.index == 0 &&
+              !memcmp(p.labels, q.labels, (size_t)q.n * sizeof(int32_t)) &&
+              !memcmp(kfac_model_input(m), q.images, bytes),
+          "feed: epoch 1 starts with the fresh loader's first piece");
+    kfac_loader_free(fresh);
+    kfac__feed_free(f);
+    CHECK(kfac_model_input(m) == kfac_model_own_input(m), "feed: the model gets its input back");
+    kfac_loader_free(l);
+    kfac_model_free(m);
+    kfac_backend_free(be);
+    kfac_batcher_free(b);
+}
+
 static void test_config_errors(void)
 {
     coord_dataset d = coord_make(10, 20, 16, 1);
@@ -367,6 +442,7 @@ int main(void)
     test_loader_depth_and_shares();
     test_loader_cursor();
     test_loader_failure_and_wait();
+    test_feed();
     test_config_errors();
     return test_summary("test_loader");
 }

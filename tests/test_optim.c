@@ -1,8 +1,12 @@
 /* test_optim.c - momentum SGD against its formula computed by hand in
- * double, weight-decay exclusion of BN parameters and biases, and the
- * learning-rate schedules against their closed forms. */
+ * double, weight-decay exclusion of BN parameters and biases, the
+ * learning-rate schedules against their closed forms, and dynamic loss
+ * scaling (its policy, and gradients through a scaled loss against the
+ * unscaled ones). */
+#include <math.h>
 #include <string.h>
 
+#include "kfac/kfac_loss_scale.h"
 #include "kfac/kfac_optim.h"
 #include "kfac/kfac_resnet.h"
 #include "testutil.h"
@@ -81,6 +85,97 @@ static void check_schedules(void)
     CHECK(kfac_lr_decay_parse("linear", &d) == KFAC_EINVAL, "unknown decay rejected");
 }
 
+/* The policy: unscale exactly (powers of two), skip and halve on inf/nan,
+ * double after growth_interval good steps, fail on overflow at scale 1. */
+static void check_loss_scale_policy(void)
+{
+    kfac_model *m;
+    CHECK_OK(kfac_resnet_build("resnet8-fmnist", NULL, be, 1, 1, &m));
+    size_t n = kfac_model_param_count(m);
+    float *g = kfac_model_grads(m), *want = malloc(n * sizeof *want);
+    unsigned long long seed = 5;
+    kfac_loss_scale ls;
+    kfac_loss_scale_init(&ls, 1024.0f, 3);
+    int apply = -1, exact = 1;
+    for (size_t i = 0; i < n; i++) {
+        want[i] = (float)test_uniform(&seed);
+        g[i] = want[i] * 1024.0f;
+    }
+    CHECK_OK(kfac_loss_scale_finish(&ls, m, &apply));
+    for (size_t i = 0; i < n; i++) exact &= g[i] == want[i];
+    CHECK(apply == 1 && exact && ls.scale == 1024.0f && ls.good_steps == 1,
+          "good step: apply %d, exact %d, scale %g, good %d", apply, exact, ls.scale, ls.good_steps);
+    g[n / 2] = INFINITY;
+    CHECK_OK(kfac_loss_scale_finish(&ls, m, &apply));
+    CHECK(apply == 0 && ls.scale == 512.0f && ls.good_steps == 0 && ls.skipped_steps == 1,
+          "inf: apply %d, scale %g, good %d, skipped %ld", apply, ls.scale, ls.good_steps,
+          ls.skipped_steps);
+    g[n / 2] = NAN;
+    CHECK_OK(kfac_loss_scale_finish(&ls, m, &apply));
+    CHECK(apply == 0 && ls.scale == 256.0f && ls.skipped_steps == 2, "nan: apply %d, scale %g",
+          apply, ls.scale);
+    for (int k = 0; k < 3; k++) {
+        for (size_t i = 0; i < n; i++) g[i] = 1.0f;
+        CHECK_OK(kfac_loss_scale_finish(&ls, m, &apply));
+    }
+    CHECK(apply == 1 && ls.scale == 512.0f && ls.good_steps == 0,
+          "growth after 3 good steps: scale %g, good %d", ls.scale, ls.good_steps);
+    kfac_loss_scale_init(&ls, 1.0f, 3);
+    g[0] = INFINITY;
+    CHECK(kfac_loss_scale_finish(&ls, m, &apply) == KFAC_EINVAL &&
+              strstr(kfac_last_error(), "diverged"),
+          "overflow at scale 1 fails: %s", kfac_last_error());
+    free(want);
+    kfac_model_free(m);
+}
+
+/* One forward/backward on a random batch with loss scale 2^16, unscaled by
+ * kfac_loss_scale_finish, against the same pass unscaled: every operation
+ * of backward is linear in the loss gradient, and scaling by a power of
+ * two is exact, so only subnormal gradients may differ. */
+static void check_loss_scale_gradients(void)
+{
+    const int batch = 8;
+    kfac_model *m;
+    CHECK_OK(kfac_resnet_build("resnet8-fmnist", NULL, be, batch, 1, &m));
+    size_t n = kfac_model_param_count(m);
+    int h, w, c;
+    kfac_model_input_shape(m, &h, &w, &c);
+    float *x = kfac_model_input(m), *g = kfac_model_grads(m), *plain = malloc(n * sizeof *plain);
+    unsigned long long seed = 9;
+    for (size_t i = 0; i < (size_t)batch * h * w * c; i++) x[i] = (float)test_uniform(&seed);
+    int32_t labels[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+    double loss_plain, loss_scaled;
+    int hits;
+    CHECK_OK(kfac_model_forward(m, batch, KFAC_MODE_TRAIN));
+    CHECK_OK(kfac_model_loss(m, batch, labels, 0.0f, &loss_plain, &hits));
+    CHECK_OK(kfac_model_backward(m, batch));
+    memcpy(plain, g, n * sizeof *g);
+    kfac_loss_scale ls;
+    kfac_loss_scale_init(&ls, 65536.0f, 2000);
+    kfac_loss_scale_begin(&ls, m);
+    CHECK_OK(kfac_model_forward(m, batch, KFAC_MODE_TRAIN));
+    CHECK_OK(kfac_model_loss(m, batch, labels, 0.0f, &loss_scaled, &hits));
+    CHECK_OK(kfac_model_backward(m, batch));
+    double scaled_max = 0, plain_max = 0;
+    for (size_t i = 0; i < n; i++) {
+        scaled_max = fmax(scaled_max, fabs(g[i]));
+        plain_max = fmax(plain_max, fabs(plain[i]));
+    }
+    CHECK(scaled_max > 1000 * plain_max, "the backward pass saw the scale: max |g| %g vs %g",
+          scaled_max, plain_max);
+    int apply;
+    CHECK_OK(kfac_loss_scale_finish(&ls, m, &apply));
+    double err = 0;
+    for (size_t i = 0; i < n; i++)
+        err = fmax(err, fabs((double)g[i] - plain[i]) / fmax(plain_max, 1e-30));
+    CHECK(apply == 1 && err < 1e-6 && loss_scaled == loss_plain,
+          "scaled then unscaled gradients: apply %d, max err %.2e of max |g|, loss %.9g vs %.9g",
+          apply, err, loss_scaled, loss_plain);
+    free(plain);
+    kfac_model_free(m);
+}
+
 int main(void)
 {
     CHECK_OK(kfac_backend_get("cpu", 2, &be));
@@ -88,6 +183,8 @@ int main(void)
     check_sgd(1, 0);
     check_sgd(1, 1);
     check_schedules();
+    check_loss_scale_policy();
+    check_loss_scale_gradients();
     kfac_backend_free(be);
     return test_summary("test_optim");
 }

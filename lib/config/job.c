@@ -175,6 +175,9 @@ static const key_spec KEYS[] = {
     KEY(train, threads, T_INT, "0", AT_LEAST(0), "compute threads (0: all cores)"),
     KEY(train, device, T_STR, "cpu", ONE_OF("cpu|cuda"),
         "compute backend: cpu, or cuda (the first GPU CUDA_VISIBLE_DEVICES shows; one rank, SGD, for now)"),
+    KEY(train, precision, T_STR, "f32", ONE_OF("f32|bf16|f16"),
+        "activation storage: f32, or bf16 / f16 on cuda (float32 weights and arithmetic; f16 "
+        "with dynamic loss scaling)"),
     KEY(train, label_smoothing, T_FLOAT, "0", UNIT, "label smoothing of the cross-entropy loss"),
     KEY(train, max_steps, T_INT, "0", AT_LEAST(0), "stop after this many steps in total (0: no limit)"),
     KEY(train, precise_bn_images, T_INT, "0", AT_LEAST(0),

@@ -40,3 +40,15 @@ void kfac_backend_free(kfac_backend *be)
 {
     if (be) be->destroy(be);
 }
+
+kfac_status kfac_backend_set_precision(kfac_backend *be, kfac_dtype t)
+{
+    if (t == be->act_dtype) return KFAC_OK;
+    if (t != KFAC_F32 && t != KFAC_BF16 && t != KFAC_F16)
+        return KFAC_ERR(KFAC_EINVAL, "precision %s: activations are f32, bf16 or f16",
+                        kfac_dtype_name(t));
+    if (!be->set_precision)
+        return KFAC_ERR(KFAC_ENOTSUP, "backend '%s' stores activations in f32 only (%s needs device cuda)",
+                        be->name, kfac_dtype_name(t));
+    return be->set_precision(be, t);
+}

@@ -5,7 +5,11 @@
  * one arena; parameters, their gradients and BN running statistics live in
  * a second single allocation.  Backward walks the nodes in reverse; a value
  * read by two nodes (a residual block's input) has its gradient written by
- * the first and accumulated into by the second. */
+ * the first and accumulated into by the second.
+ *
+ * Activations and their gradients are stored in the backend's act_dtype;
+ * with a 16-bit type the caller still fills a float32 input buffer, which
+ * each forward converts into value 0. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,7 +26,7 @@
 
 typedef struct value {
     int h, w, c;         /* per-image shape */
-    float *data, *grad;  /* max_batch images each */
+    float *data, *grad;  /* max_batch images each, in the backend's act_dtype */
     int grad_written;    /* during backward: has a consumer written grad yet */
 } value;
 
@@ -42,6 +46,11 @@ typedef struct node {
 struct kfac_model {
     kfac_backend *be;
     int max_batch;
+    size_t act_size;     /* bytes of one activation element (be->act_dtype) */
+    float *input32;      /* float32 input the caller fills when act_dtype is 16-bit */
+    float *own_input;    /* the input buffer in the arena (kfac_model_bind_input may
+                            point the model at another) */
+    float loss_scale;    /* multiplies the logits' gradient (fp16 loss scaling) */
     value *values;
     node *nodes;
     kfac_param *params;
@@ -144,6 +153,8 @@ kfac_status kfac_model_init(kfac_model **out, kfac_backend *be, int max_batch, i
     if (!m) return KFAC_ERR(KFAC_ENOMEM, "model: out of memory");
     m->be = be;
     m->max_batch = max_batch;
+    m->act_size = kfac_dtype_size(be->act_dtype);
+    m->loss_scale = 1.0f;
     m->bn_momentum = BN_MOMENTUM;
     if (add_value(m, h, w, c) != 0) {
         free(m);
@@ -291,7 +302,7 @@ static void init_params(const kfac_model *m, uint64_t seed, float *params, float
     }
 }
 
-static size_t round_bytes(size_t floats) { return (floats * sizeof(float) + 63) / 64 * 64; }
+static size_t round_bytes(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
 /* Backward steps (0 = first node undone) at which each value's gradient is
  * first written (by its last consumer; -1 for the logits, written by the
@@ -331,7 +342,7 @@ static kfac_status plan_gradients(kfac_model *m, char *base, size_t *bytes)
     for (int t = -1; t < m->num_nodes; t++)
         for (int v = 1; v < nv; v++) { /* the input needs no gradient */
             if (first[v] != t) continue;
-            size_t need = round_bytes((size_t)m->max_batch * value_floats(&m->values[v]));
+            size_t need = round_bytes((size_t)m->max_batch * value_floats(&m->values[v]) * m->act_size);
             int best = -1;
             for (int s = 0; s < slots; s++)
                 if (slot_free_after[s] < t && slot_size[s] >= need &&
@@ -357,18 +368,20 @@ static kfac_status plan_gradients(kfac_model *m, char *base, size_t *bytes)
 static kfac_status plan_arena(kfac_model *m, char *base, size_t *bytes)
 {
     size_t off = 0;
-#define CARVE(ptr, floats)                                      \
+#define CARVE(ptr, bytes)                                       \
     do {                                                        \
         (ptr) = base ? (float *)(base + off) : NULL;            \
-        off += round_bytes(floats);                             \
+        off += round_bytes(bytes);                              \
     } while (0)
     for (int i = 0; i < m->num_values; i++)
-        CARVE(m->values[i].data, (size_t)m->max_batch * value_floats(&m->values[i]));
+        CARVE(m->values[i].data, (size_t)m->max_batch * value_floats(&m->values[i]) * m->act_size);
+    if (m->act_size != sizeof(float))
+        CARVE(m->input32, (size_t)m->max_batch * value_floats(&m->values[0]) * sizeof(float));
     for (int i = 0; i < m->num_nodes; i++) {
         node *nd = &m->nodes[i];
         if (nd->kind != KFAC_NODE_BN) continue;
-        CARVE(nd->save_mean, (size_t)m->values[nd->out].c);
-        CARVE(nd->save_invstd, (size_t)m->values[nd->out].c);
+        CARVE(nd->save_mean, (size_t)m->values[nd->out].c * sizeof(float));
+        CARVE(nd->save_invstd, (size_t)m->values[nd->out].c * sizeof(float));
     }
 #undef CARVE
     size_t grads = 0;
@@ -383,6 +396,12 @@ kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed)
     if (m->finalized) return KFAC_ERR(KFAC_EINVAL, "model: finalized twice");
     if (m->num_nodes == 0) return KFAC_ERR(KFAC_EINVAL, "model: no layers");
     kfac_backend *be = m->be;
+    if (kfac_dtype_size(be->act_dtype) != m->act_size)
+        return KFAC_ERR(KFAC_EINVAL, "model: the backend's precision changed after the model was "
+                        "started (set it before kfac_model_init)");
+    if (m->act_size != sizeof(float) && !be->convert)
+        return KFAC_ERR(KFAC_ENOTSUP, "model: backend '%s' stores %s activations but cannot "
+                        "convert its input", be->name, kfac_dtype_name(be->act_dtype));
     KFAC_TRY(plan_arena(m, NULL, &m->arena_bytes));
     for (int i = 0; i < m->num_nodes; i++) {
         const node *nd = &m->nodes[i];
@@ -399,6 +418,7 @@ kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed)
     KFAC_TRY(be->alloc(be, (size_t)m->max_batch * sizeof(int32_t), (void **)&m->labels));
     size_t placed;
     KFAC_TRY(plan_arena(m, m->arena, &placed));
+    m->own_input = kfac_model_input(m);
     m->params_data = flat_mem;
     m->grads_data = m->params_data + m->param_count;
     m->buffers_data = m->grads_data + m->param_count;
@@ -509,7 +529,7 @@ static int eval_chunk(const kfac_model *m)
     size_t largest = 1;
     for (int i = 0; i < m->num_values; i++)
         if (value_floats(&m->values[i]) > largest) largest = value_floats(&m->values[i]);
-    size_t chunk = EVAL_CHUNK_BYTES / (largest * sizeof(float));
+    size_t chunk = EVAL_CHUNK_BYTES / (largest * m->act_size);
     if (chunk < 4) chunk = 4;
     return (int)chunk;
 }
@@ -519,6 +539,9 @@ kfac_status kfac_model_forward(kfac_model *m, int n, kfac_mode mode)
     if (!m->finalized) return KFAC_ERR(KFAC_EINVAL, "model: forward before finalize");
     if (n < 1 || n > m->max_batch)
         return KFAC_ERR(KFAC_EINVAL, "model: batch %d outside [1, %d]", n, m->max_batch);
+    if (m->input32)
+        KFAC_TRY(m->be->convert(m->be, (size_t)n * value_floats(&m->values[0]), m->input32,
+                                KFAC_F32, m->values[0].data, m->be->act_dtype));
     if (mode == KFAC_MODE_TRAIN) return forward_range(m, 0, n, mode);
     /* Each chunk must keep every thread busy, so scale it with threads;
      * a GPU wants the whole batch at once. */
@@ -539,7 +562,7 @@ kfac_status kfac_model_loss(kfac_model *m, int n, const int32_t *labels, float s
         return KFAC_ERR(KFAC_EINVAL, "model: batch %d outside [1, %d]", n, m->max_batch);
     KFAC_TRY(m->be->upload(m->be, m->labels, labels, (size_t)n * sizeof *labels));
     KFAC_TRY(m->be->softmax_xent(m->be, n, logits->c, logits->data, m->labels, smoothing,
-                                 logits->grad, loss_sum, correct));
+                                 m->loss_scale, logits->grad, loss_sum, correct));
     return KFAC_OK;
 }
 
@@ -614,6 +637,9 @@ kfac_status kfac_model_loss_sampled(kfac_model *m, int n, uint64_t seed)
     float *host = m->host_logits;
     if (n < 1 || n > m->max_batch)
         return KFAC_ERR(KFAC_EINVAL, "model: batch %d outside [1, %d]", n, m->max_batch);
+    if (m->act_size != sizeof(float))
+        return KFAC_ERR(KFAC_ENOTSUP, "model: sampled Fisher labels need f32 activations (not %s)",
+                        kfac_dtype_name(m->be->act_dtype));
     kfac_status st = m->be->download(m->be, host, logits->data, (size_t)n * classes * sizeof *host);
     kfac_rng rng;
     kfac_rng_seed(&rng, seed);
@@ -635,8 +661,8 @@ kfac_status kfac_model_loss_sampled(kfac_model *m, int n, uint64_t seed)
     double loss;
     int correct;
     KFAC_TRY(m->be->upload(m->be, m->labels, m->sampled_labels, (size_t)n * sizeof(int32_t)));
-    return m->be->softmax_xent(m->be, n, classes, logits->data, m->labels, 0.0f, logits->grad,
-                               &loss, &correct);
+    return m->be->softmax_xent(m->be, n, classes, logits->data, m->labels, 0.0f, m->loss_scale,
+                               logits->grad, &loss, &correct);
 }
 
 /* ---- what K-FAC sees ---- */
@@ -677,7 +703,17 @@ void kfac_model_set_backward_hook(kfac_model *m, kfac_backward_hook hook, void *
 
 /* ---- accessors ---- */
 
-float *kfac_model_input(kfac_model *m) { return m->values[0].data; }
+float *kfac_model_input(kfac_model *m) { return m->input32 ? m->input32 : m->values[0].data; }
+
+float *kfac_model_own_input(kfac_model *m) { return m->own_input; }
+
+void kfac_model_bind_input(kfac_model *m, float *input)
+{
+    if (m->input32)
+        m->input32 = input;
+    else
+        m->values[0].data = input;
+}
 const float *kfac_model_logits(const kfac_model *m) { return m->values[m->num_values - 1].data; }
 int kfac_model_classes(const kfac_model *m) { return m->values[m->num_values - 1].c; }
 int kfac_model_max_batch(const kfac_model *m) { return m->max_batch; }
@@ -697,3 +733,5 @@ size_t kfac_model_buffer_count(const kfac_model *m) { return m->buffer_count; }
 double kfac_model_macs_per_image(const kfac_model *m) { return m->macs; }
 size_t kfac_model_arena_bytes(const kfac_model *m) { return m->arena_bytes + m->workspace_bytes; }
 kfac_backend *kfac_model_backend(kfac_model *m) { return m->be; }
+
+void kfac_model_set_loss_scale(kfac_model *m, float scale) { m->loss_scale = scale; }

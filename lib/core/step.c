@@ -50,12 +50,20 @@ kfac_status kfac_step_run(const kfac_step *s, long step, double epoch, float lr,
                           kfac_micro_loader load, void *user, double *loss_sum, long *correct,
                           long *seen)
 {
+    if (s->loss_scale && s->kfac)
+        return KFAC_ERR(KFAC_ENOTSUP, "step: loss scaling (f16) with K-FAC is not supported");
+    if (s->loss_scale) kfac_loss_scale_begin(s->loss_scale, s->model);
     KFAC_TRY(kfac_gradsync_begin(s->sync, s->micro_batches));
     if (s->kfac) kfac_precond_begin(s->kfac, step, s->micro_batches);
     for (int j = 0; j < s->micro_batches; j++)
         KFAC_TRY(micro_batch(s, j, load, user, loss_sum, correct, seen));
     float mean = 1.0f / (float)(s->ranks * s->micro_batches);
     KFAC_TRY(kfac_gradsync_finish(s->sync, mean));
+    if (s->loss_scale) {
+        int apply;
+        KFAC_TRY(kfac_loss_scale_finish(s->loss_scale, s->model, &apply));
+        if (!apply) return KFAC_OK; /* overflowed: the scale is halved, the step skipped */
+    }
     if (s->kfac) KFAC_TRY(kfac_precond_finish(s->kfac, epoch, lr, mean));
     return kfac_sgd_step(s->sgd, lr);
 }

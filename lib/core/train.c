@@ -22,6 +22,7 @@
 #include "kfac/kfac_shards.h"
 #include "kfac/kfac_step.h"
 #include "kfac/kfac_train.h"
+#include "core/feed.h"
 
 typedef struct trainer {
     const kfac_job *job;
@@ -30,6 +31,7 @@ typedef struct trainer {
     kfac_batcher *train_batches, *test_batches;
     kfac_batcher *bn_batches; /* precise BN: un-augmented training images */
     kfac_loader *train_loader; /* this rank's micro-batches of train_batches, read ahead */
+    kfac_feed *feed;           /* train_loader's pieces into the model, uploads overlapped */
     kfac_model *model;
     kfac_sgd *sgd;
     kfac_precond *kfac;       /* NULL for plain SGD */
@@ -37,6 +39,8 @@ typedef struct trainer {
     int rank, size;
     int micro_batches, micro_size; /* per rank: count and images of each */
     kfac_gradsync *sync;
+    kfac_loss_scale loss_scale; /* train.precision f16 */
+    int scaled;                 /* loss_scale in use */
     kfac_comm_bytes bytes_before;   /* counters at the start of the epoch */
     kfac_lr_schedule schedule;
     int32_t *labels;
@@ -364,6 +368,7 @@ static kfac_status injected_fault(const trainer *t, long step)
 typedef struct slice_loader {
     trainer *t;
     size_t batch;
+    int last_batch; /* of the epoch, or of the run (train.max_steps) */
 } slice_loader;
 
 static kfac_status load_slice(void *user, int micro, int *n, const int32_t **labels)
@@ -371,31 +376,33 @@ static kfac_status load_slice(void *user, int micro, int *n, const int32_t **lab
     slice_loader *sl = user;
     trainer *t = sl->t;
     kfac_loader_piece piece;
-    KFAC_TRY(kfac_loader_next(t->train_loader, &piece));
+    int last = sl->last_batch && micro == t->micro_batches - 1;
+    KFAC_TRY(kfac__feed_take(t->feed, last, &piece));
     if (piece.n != t->micro_size || piece.batch != sl->batch || piece.index != micro)
         return KFAC_ERR(KFAC_EINVAL, "trainer: batch %zu micro-batch %d: the loader gave %d "
                         "images of batch %zu piece %d", sl->batch, micro, piece.n, piece.batch,
                         piece.index);
     *n = piece.n;
     *labels = piece.labels;
-    return upload_images(t, piece.images, piece.n);
+    return KFAC_OK;
 }
 
 /* One optimizer step on global batch `batch`. */
-static kfac_status train_step(trainer *t, long step, size_t batch, double epoch, float lr,
-                              double *loss_sum, long *correct, long *seen)
+static kfac_status train_step(trainer *t, long step, size_t batch, int last_batch, double epoch,
+                              float lr, double *loss_sum, long *correct, long *seen)
 {
     kfac_step s = {
         .model = t->model,
         .sgd = t->sgd,
         .kfac = t->kfac,
         .sync = t->sync,
+        .loss_scale = t->scaled ? &t->loss_scale : NULL,
         .rank = t->rank,
         .ranks = t->size,
         .micro_batches = t->micro_batches,
         .label_smoothing = t->job->train.label_smoothing,
     };
-    slice_loader sl = {t, batch};
+    slice_loader sl = {t, batch, last_batch};
     KFAC_TRY(injected_fault(t, step));
     return kfac_step_run(&s, step, epoch, lr, load_slice, &sl, loss_sum, correct, seen);
 }
@@ -425,14 +432,16 @@ static kfac_status train_epoch(trainer *t, int epoch, long *step, kfac_epoch_met
     double loss_sum = 0;
     long correct = 0, seen = 0;
     double t0 = kfac__now_seconds();
-    KFAC_TRY(kfac_loader_start(t->train_loader, (kfac_loader_cursor){epoch, 0}));
+    KFAC_TRY(kfac__feed_start(t->feed, (kfac_loader_cursor){epoch, 0}));
     kfac_loader_take_wait(t->train_loader);
     for (int i = 0; i < steps; i++) {
         if (job->train.max_steps > 0 && *step >= job->train.max_steps) break;
         double pos = epoch + (double)i / steps, lr = kfac_lr_at(&t->schedule, pos);
         double before = loss_sum;
         long seen_before = seen;
-        KFAC_TRY(train_step(t, *step, (size_t)i, pos, (float)lr, &loss_sum, &correct, &seen));
+        int last = i == steps - 1 || (job->train.max_steps > 0 && *step + 1 >= job->train.max_steps);
+        KFAC_TRY(train_step(t, *step, (size_t)i, last, pos, (float)lr, &loss_sum, &correct,
+                            &seen));
         (*step)++;
         em->lr = lr;
         if (cb && cb->on_progress && cb->progress_every > 0 && (i + 1) % cb->progress_every == 0)
@@ -450,7 +459,8 @@ static kfac_status train_epoch(trainer *t, int epoch, long *step, kfac_epoch_met
     return KFAC_OK;
 }
 
-static void write_metrics(FILE *f, const kfac_epoch_metrics *m, int kfac, int ranks)
+static void write_metrics(FILE *f, const kfac_epoch_metrics *m, int kfac, int ranks,
+                          int scaled)
 {
     fprintf(f,
             "{\"epoch\": %d, \"step\": %ld, \"lr\": %.6g, \"train_loss\": %.6f, "
@@ -468,6 +478,9 @@ static void write_metrics(FILE *f, const kfac_epoch_metrics *m, int kfac, int ra
                 "\"kfac_kl_scale_mean\": %.4g, \"kfac_kl_clipped_fraction\": %.3f",
                 m->seconds_capture, m->seconds_invert, m->seconds_precondition, m->kl_scale_mean,
                 m->kl_clipped_fraction);
+    if (scaled)
+        fprintf(f, ", \"loss_scale\": %.6g, \"skipped_steps\": %ld", m->loss_scale,
+                m->skipped_steps);
     if (ranks > 1) {
         fprintf(f, ", \"ranks\": %d, \"kfac_comm_s\": %.3f, \"bytes_per_step\": {", ranks,
                 m->seconds_comm);
@@ -501,7 +514,12 @@ static kfac_status plan_slices(trainer *t)
 static kfac_status check_device(const trainer *t)
 {
     const kfac_job *job = t->job;
-    if (strcmp(job->train.device, "cuda") != 0) return KFAC_OK;
+    if (strcmp(job->train.device, "cuda") != 0) {
+        if (strcmp(job->train.precision, "f32") != 0)
+            return KFAC_ERR(KFAC_ENOTSUP, "train.precision %s needs train.device cuda (the cpu "
+                            "device stores activations in f32)", job->train.precision);
+        return KFAC_OK;
+    }
     if (strcmp(job->optimizer.name, "sgd") != 0)
         return KFAC_ERR(KFAC_ENOTSUP, "train.device cuda: optimizer.name %s runs on the cpu "
                         "device only so far (use sgd)", job->optimizer.name);
@@ -534,9 +552,18 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
     KFAC_TRY(plan_slices(t));
     KFAC_TRY(check_device(t));
     KFAC_TRY(kfac_backend_get(job->train.device, job->train.threads, &t->be));
+    kfac_dtype precision;
+    KFAC_TRY(kfac_dtype_parse(job->train.precision, &precision));
+    KFAC_TRY(kfac_backend_set_precision(t->be, precision));
+    if (precision == KFAC_F16) {
+        kfac_loss_scale_init(&t->loss_scale, KFAC_LOSS_SCALE_INITIAL,
+                             KFAC_LOSS_SCALE_GROWTH_INTERVAL);
+        t->scaled = 1;
+    }
     KFAC_TRY(schedule_from_job(job, &t->schedule));
     KFAC_TRY(open_data(t));
     KFAC_TRY(build_model(t));
+    KFAC_TRY(kfac__feed_init(&t->feed, t->model, t->train_loader));
     KFAC_TRY(broadcast_model(t));
     if (lead) {
         KFAC_TRY(kfac__make_dirs(job->output.dir));
@@ -551,12 +578,13 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
         snprintf(summary, sizeof summary,
                  "%s: %zu parameters, %.1f M MACs/image; %zu train / %zu test images; "
                  "batch %d = %d ranks x %d micro-batches x %d, %zu steps/epoch, %d epochs; "
-                 "backend %s, %d threads/rank; comm %s",
+                 "backend %s (%s activations), %d threads/rank; comm %s",
                  job->model.name, kfac_model_param_count(t->model),
                  kfac_model_macs_per_image(t->model) / 1e6, t->train_set->count,
                  t->test_set->count, job->train.batch_size, t->size, t->micro_batches,
                  t->micro_size, kfac_batcher_batches_per_epoch(t->train_batches),
-                 job->train.epochs, t->be->name, t->be->threads, kfac_comm_kind(t->world));
+                 job->train.epochs, t->be->name, kfac_dtype_name(t->be->act_dtype),
+                 t->be->threads, kfac_comm_kind(t->world));
         cb->on_start(summary, cb->user);
     }
     long step = 0;
@@ -588,7 +616,9 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
         em.step = step;
         em.epoch_seconds = kfac__now_seconds() - t0;
         em.seconds = kfac__now_seconds() - start;
-        if (t->metrics) write_metrics(t->metrics, &em, t->kfac != NULL, t->size);
+        em.loss_scale = t->loss_scale.scale;
+        em.skipped_steps = t->loss_scale.skipped_steps;
+        if (t->metrics) write_metrics(t->metrics, &em, t->kfac != NULL, t->size, t->scaled);
         if (cb && cb->on_epoch) cb->on_epoch(&em, cb->user);
     }
     if (final) *final = em;
@@ -624,6 +654,7 @@ kfac_status kfac_train_run(const kfac_job *job, kfac_comm *world, const kfac_tra
     free(t.host_images);
     free(t.bn_saved);
     kfac_gradsync_free(t.sync);
+    kfac__feed_free(t.feed);
     kfac_precond_free(t.kfac);
     kfac_sgd_free(t.sgd);
     kfac_loader_free(t.train_loader);

@@ -22,6 +22,13 @@ static kfac_status cpu_copy(kfac_backend *be, void *dst, const void *src, size_t
     return KFAC_OK;
 }
 
+/* Nothing is ever in flight: upload_async copied at once. */
+static kfac_status cpu_nothing_queued(kfac_backend *be)
+{
+    (void)be;
+    return KFAC_OK;
+}
+
 static void cpu_destroy(kfac_backend *be)
 {
     free(kfac__cpu(be)->reduce_scratch);
@@ -56,6 +63,9 @@ kfac_status kfac_backend_cpu_init(int threads, kfac_backend **out)
     be->release = cpu_release;
     be->upload = cpu_copy;
     be->download = cpu_copy;
+    be->upload_async = cpu_copy;
+    be->upload_join = cpu_nothing_queued;
+    be->upload_wait = cpu_nothing_queued;
     be->fill = kfac__cpu_fill;
     be->conv_workspace = kfac__cpu_conv_workspace;
     be->conv_forward = kfac__cpu_conv_forward;
@@ -73,6 +83,7 @@ kfac_status kfac_backend_cpu_init(int threads, kfac_backend **out)
     be->gap_backward = kfac__cpu_gap_backward;
     be->softmax_xent = kfac__cpu_softmax_xent;
     be->sgd_update = kfac__cpu_sgd_update;
+    be->scale_grads = kfac__cpu_scale_grads;
     be->destroy = cpu_destroy;
     *out = be;
     return KFAC_OK;

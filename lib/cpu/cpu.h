@@ -78,6 +78,7 @@ kfac_status kfac__cpu_add_backward(kfac_backend *be, size_t n, const float *y, c
 kfac_status kfac__cpu_sgd_update(kfac_backend *be, size_t n, float *p, const float *g, float *v,
                                  float lr, float mom, float wd, int nesterov);
 kfac_status kfac__cpu_fill(kfac_backend *be, float *x, float value, size_t n);
+kfac_status kfac__cpu_scale_grads(kfac_backend *be, size_t n, float *g, float scale, int *finite);
 
 kfac_status kfac__cpu_maxpool_forward(kfac_backend *be, const kfac_pool_desc *d, const float *x,
                                       float *y);
@@ -90,7 +91,7 @@ kfac_status kfac__cpu_gap_backward(kfac_backend *be, int n, int hw, int c, const
                                    float *dx, int accumulate);
 
 kfac_status kfac__cpu_softmax_xent(kfac_backend *be, int n, int classes, const float *logits,
-                                   const int32_t *labels, float smoothing, float *dlogits,
-                                   double *loss_sum, int *correct);
+                                   const int32_t *labels, float smoothing, float grad_scale,
+                                   float *dlogits, double *loss_sum, int *correct);
 
 #endif

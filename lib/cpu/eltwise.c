@@ -1,6 +1,8 @@
 /* eltwise.c - CPU element-wise operations: ReLU, residual add (+ReLU),
  * fill, and the fused momentum-SGD update.  Memory-bound loops, split
  * statically over threads. */
+#include <math.h>
+
 #include "cpu/cpu.h"
 
 kfac_status kfac__cpu_fill(kfac_backend *be, float *x, float value, size_t n)
@@ -48,6 +50,18 @@ kfac_status kfac__cpu_add_backward(kfac_backend *be, size_t n, const float *y, c
         da[i] = acc_a ? da[i] + g : g;
         db[i] = acc_b ? db[i] + g : g;
     }
+    return KFAC_OK;
+}
+
+kfac_status kfac__cpu_scale_grads(kfac_backend *be, size_t n, float *g, float scale, int *finite)
+{
+    int bad = 0;
+#pragma omp parallel for num_threads(be->threads) schedule(static) reduction(| : bad)
+    for (size_t i = 0; i < n; i++) {
+        g[i] *= scale;
+        bad |= !isfinite(g[i]);
+    }
+    *finite = !bad;
     return KFAC_OK;
 }
 

@@ -5,8 +5,8 @@
 #include "cpu/cpu.h"
 
 kfac_status kfac__cpu_softmax_xent(kfac_backend *be, int n, int classes, const float *logits,
-                                   const int32_t *labels, float smoothing, float *dlogits,
-                                   double *loss_sum, int *correct)
+                                   const int32_t *labels, float smoothing, float grad_scale,
+                                   float *dlogits, double *loss_sum, int *correct)
 {
     double total = 0.0;
     int hits = 0;
@@ -35,7 +35,7 @@ kfac_status kfac__cpu_softmax_xent(kfac_backend *be, int n, int classes, const f
             float *g = dlogits + (size_t)i * classes;
             for (int j = 0; j < classes; j++) {
                 double target = j == labels[i] ? on : off;
-                g[j] = (float)((exp((double)z[j] - lse) - target) / n);
+                g[j] = (float)((exp((double)z[j] - lse) - target) / n * grad_scale);
             }
         }
     }

@@ -1,7 +1,10 @@
 /* backend_cuda.c - the CUDA backend table: device memory, one stream, a
  * cuBLAS and a cuDNN handle, the kernels of kernels/ for every operation
  * but convolutions, which conv_cudnn.c runs through cuDNN.  All array
- * arguments are device pointers, labels of softmax_xent included. */
+ * arguments are device pointers, labels of softmax_xent included.
+ * Activations are stored in be->act_dtype (float32, bf16 or fp16, chosen
+ * by set_precision before any convolution is planned), which every
+ * activation launcher receives. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -139,9 +142,82 @@ static kfac_status cuda_download(kfac_backend *be, void *dst, const void *src, s
     return KFAC_OK;
 }
 
+static kfac_status cuda_upload_async(kfac_backend *be, void *dst, const void *src, size_t bytes)
+{
+    kfac_cuda *cu = kfac__cuda(be);
+    if (bytes == 0) return KFAC_OK;
+    /* After the work queued so far, which may still read dst. */
+    KFAC_CUDA_CHECK_AS("upload_async (order)", cudaEventRecord(cu->queued_mark, cu->stream));
+    KFAC_CUDA_CHECK_AS("upload_async (order)",
+                       cudaStreamWaitEvent(cu->copy_stream, cu->queued_mark, 0));
+    KFAC_CUDA_CHECK_AS("upload_async", cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice,
+                                                       cu->copy_stream));
+    KFAC_CUDA_CHECK_AS("upload_async (done)", cudaEventRecord(cu->uploads_done, cu->copy_stream));
+    return KFAC_OK;
+}
+
+/* Waiting on an event never recorded returns at once: no upload, no wait. */
+static kfac_status cuda_upload_join(kfac_backend *be)
+{
+    kfac_cuda *cu = kfac__cuda(be);
+    KFAC_CUDA_CHECK_AS("upload_join", cudaStreamWaitEvent(cu->stream, cu->uploads_done, 0));
+    return KFAC_OK;
+}
+
+static kfac_status cuda_upload_wait(kfac_backend *be)
+{
+    KFAC_CUDA_CHECK_AS("upload_wait", cudaEventSynchronize(kfac__cuda(be)->uploads_done));
+    return KFAC_OK;
+}
+
 static kfac_status cuda_fill(kfac_backend *be, float *x, float value, size_t n)
 {
     LAUNCH(be, fill, n, x, value);
+}
+
+/* ---- precision ---- */
+
+static int known_dtype(kfac_dtype t) { return t == KFAC_F32 || t == KFAC_BF16 || t == KFAC_F16; }
+
+/* cuDNN plans carry the type in their descriptors and the model sized its
+ * buffers and workspace by it: the type is fixed once a plan exists. */
+static kfac_status cuda_set_precision(kfac_backend *be, kfac_dtype t)
+{
+    kfac_cuda *cu = kfac__cuda(be);
+    if (!known_dtype(t)) return KFAC_ERR(KFAC_EINVAL, "cuda: unknown precision %d", (int)t);
+    if (t == be->act_dtype) return KFAC_OK;
+    if (kfac__cudnn_conv_plans(cu) > 0)
+        return KFAC_ERR(KFAC_EINVAL, "cuda: cannot switch activations from %s to %s after "
+                        "convolutions were planned for %s (set the precision before building "
+                        "a model)", kfac_dtype_name(be->act_dtype), kfac_dtype_name(t),
+                        kfac_dtype_name(be->act_dtype));
+    kfac__cudnn_conv_free(cu); /* an empty cache, if any */
+    be->act_dtype = t;
+    cu->act_dtype = t;
+    return KFAC_OK;
+}
+
+static kfac_status cuda_convert(kfac_backend *be, size_t n, const void *src, kfac_dtype src_t,
+                                void *dst, kfac_dtype dst_t)
+{
+    if (!known_dtype(src_t) || !known_dtype(dst_t))
+        return KFAC_ERR(KFAC_EINVAL, "cuda: convert from type %d to type %d", (int)src_t,
+                        (int)dst_t);
+    LAUNCH(be, convert, n, src, src_t, dst, dst_t);
+}
+
+static kfac_status cuda_scale_grads(kfac_backend *be, size_t n, float *g, float scale,
+                                    int *finite)
+{
+    kfac_cuda *cu = kfac__cuda(be);
+    int bad = 1;
+    KFAC_CUDA_CHECK_AS("scale_grads", kfac_k_scale_grads(n, g, scale, cu->nonfinite, cu->stream));
+    KFAC_CUDA_CHECK_AS("scale_grads (result)",
+                       cudaMemcpyAsync(&bad, cu->nonfinite, sizeof bad, cudaMemcpyDeviceToHost,
+                                       cu->stream));
+    KFAC_CUDA_CHECK_AS("scale_grads (synchronize)", cudaStreamSynchronize(cu->stream));
+    *finite = !bad;
+    return KFAC_OK;
 }
 
 /* ---- convolution (conv_cudnn.c) ---- */
@@ -174,8 +250,8 @@ static kfac_status cuda_bn_forward_train(kfac_backend *be, size_t m, int c, cons
     kfac_cuda *cu = kfac__cuda(be);
     if (c < 0) return KFAC_ERR(KFAC_EINVAL, "batch norm: %d channels", c);
     KFAC_TRY(ensure_scratch(cu, kfac_k_bn_scratch_bytes(m, c)));
-    LAUNCH(be, bn_forward_train, m, c, x, gamma, beta, y, save_mean, save_invstd, run_mean,
-           run_var, momentum, eps, relu, cu->scratch);
+    LAUNCH(be, bn_forward_train, be->act_dtype, m, c, x, gamma, beta, y, save_mean, save_invstd,
+           run_mean, run_var, momentum, eps, relu, cu->scratch);
 }
 
 static kfac_status cuda_bn_forward_eval(kfac_backend *be, size_t m, int c, const float *x,
@@ -183,7 +259,8 @@ static kfac_status cuda_bn_forward_eval(kfac_backend *be, size_t m, int c, const
                                         const float *run_mean, const float *run_var, float eps,
                                         int relu)
 {
-    LAUNCH(be, bn_forward_eval, m, c, x, gamma, beta, y, run_mean, run_var, eps, relu);
+    LAUNCH(be, bn_forward_eval, be->act_dtype, m, c, x, gamma, beta, y, run_mean, run_var, eps,
+           relu);
 }
 
 static kfac_status cuda_bn_backward(kfac_backend *be, size_t m, int c, const float *x,
@@ -194,33 +271,33 @@ static kfac_status cuda_bn_backward(kfac_backend *be, size_t m, int c, const flo
     kfac_cuda *cu = kfac__cuda(be);
     if (c < 0) return KFAC_ERR(KFAC_EINVAL, "batch norm: %d channels", c);
     KFAC_TRY(ensure_scratch(cu, kfac_k_bn_scratch_bytes(m, c)));
-    LAUNCH(be, bn_backward, m, c, x, y, dy, gamma, save_mean, save_invstd, dx, accumulate,
-           dgamma, dbeta, relu, cu->scratch);
+    LAUNCH(be, bn_backward, be->act_dtype, m, c, x, y, dy, gamma, save_mean, save_invstd, dx,
+           accumulate, dgamma, dbeta, relu, cu->scratch);
 }
 
 /* ---- element-wise ---- */
 
 static kfac_status cuda_relu_forward(kfac_backend *be, size_t n, const float *x, float *y)
 {
-    LAUNCH(be, relu_forward, n, x, y);
+    LAUNCH(be, relu_forward, be->act_dtype, n, x, y);
 }
 
 static kfac_status cuda_relu_backward(kfac_backend *be, size_t n, const float *y, const float *dy,
                                       float *dx, int accumulate)
 {
-    LAUNCH(be, relu_backward, n, y, dy, dx, accumulate);
+    LAUNCH(be, relu_backward, be->act_dtype, n, y, dy, dx, accumulate);
 }
 
 static kfac_status cuda_add_forward(kfac_backend *be, size_t n, const float *a, const float *b,
                                     float *y, int relu)
 {
-    LAUNCH(be, add_forward, n, a, b, y, relu);
+    LAUNCH(be, add_forward, be->act_dtype, n, a, b, y, relu);
 }
 
 static kfac_status cuda_add_backward(kfac_backend *be, size_t n, const float *y, const float *dy,
                                      float *da, int acc_a, float *db, int acc_b, int relu)
 {
-    LAUNCH(be, add_backward, n, y, dy, da, acc_a, db, acc_b, relu);
+    LAUNCH(be, add_backward, be->act_dtype, n, y, dy, da, acc_a, db, acc_b, relu);
 }
 
 static kfac_status cuda_sgd_update(kfac_backend *be, size_t n, float *p, const float *g, float *v,
@@ -234,42 +311,43 @@ static kfac_status cuda_sgd_update(kfac_backend *be, size_t n, float *p, const f
 static kfac_status cuda_maxpool_forward(kfac_backend *be, const kfac_pool_desc *d, const float *x,
                                         float *y)
 {
-    LAUNCH(be, maxpool_forward, d->n, d->h, d->w, d->c, d->kh, d->kw, d->stride, d->pad, d->ho,
-           d->wo, x, y);
+    LAUNCH(be, maxpool_forward, be->act_dtype, d->n, d->h, d->w, d->c, d->kh, d->kw, d->stride,
+           d->pad, d->ho, d->wo, x, y);
 }
 
 static kfac_status cuda_maxpool_backward(kfac_backend *be, const kfac_pool_desc *d,
                                          const float *x, const float *y, const float *dy,
                                          float *dx, int accumulate)
 {
-    LAUNCH(be, maxpool_backward, d->n, d->h, d->w, d->c, d->kh, d->kw, d->stride, d->pad, d->ho,
-           d->wo, x, y, dy, dx, accumulate);
+    LAUNCH(be, maxpool_backward, be->act_dtype, d->n, d->h, d->w, d->c, d->kh, d->kw, d->stride,
+           d->pad, d->ho, d->wo, x, y, dy, dx, accumulate);
 }
 
 static kfac_status cuda_gap_forward(kfac_backend *be, int n, int hw, int c, const float *x,
                                     float *y)
 {
-    LAUNCH(be, gap_forward, n, hw, c, x, y);
+    LAUNCH(be, gap_forward, be->act_dtype, n, hw, c, x, y);
 }
 
 static kfac_status cuda_gap_backward(kfac_backend *be, int n, int hw, int c, const float *dy,
                                      float *dx, int accumulate)
 {
-    LAUNCH(be, gap_backward, n, hw, c, dy, dx, accumulate);
+    LAUNCH(be, gap_backward, be->act_dtype, n, hw, c, dy, dx, accumulate);
 }
 
 /* ---- loss ---- */
 
 static kfac_status cuda_softmax_xent(kfac_backend *be, int n, int classes, const float *logits,
-                                     const int32_t *labels, float smoothing, float *dlogits,
-                                     double *loss_sum, int *correct)
+                                     const int32_t *labels, float smoothing, float grad_scale,
+                                     float *dlogits, double *loss_sum, int *correct)
 {
     kfac_cuda *cu = kfac__cuda(be);
     kfac_k_xent_result r;
     KFAC_TRY(ensure_scratch(cu, kfac_k_xent_scratch_bytes(n)));
-    KFAC_CUDA_CHECK_AS("softmax_xent", kfac_k_softmax_xent(n, classes, logits, labels, smoothing,
-                                                           dlogits, cu->xent_result, cu->scratch,
-                                                           cu->stream));
+    KFAC_CUDA_CHECK_AS("softmax_xent",
+                       kfac_k_softmax_xent(be->act_dtype, n, classes, logits, labels, smoothing,
+                                           grad_scale, dlogits, cu->xent_result, cu->scratch,
+                                           cu->stream));
     KFAC_CUDA_CHECK_AS("softmax_xent (result)",
                        cudaMemcpyAsync(&r, cu->xent_result, sizeof r, cudaMemcpyDeviceToHost,
                                        cu->stream));
@@ -292,11 +370,17 @@ static kfac_status cuda_softmax_xent(kfac_backend *be, int n, int classes, const
 static void cuda_destroy(kfac_backend *be)
 {
     kfac_cuda *cu = kfac__cuda(be);
-    if (cu && (cu->stream || cu->cublas || cu->cudnn || cu->xent_result)) {
+    if (cu && (cu->stream || cu->copy_stream || cu->cublas || cu->cudnn || cu->xent_result ||
+               cu->nonfinite)) {
         cudaSetDevice(cu->device);
         if (cu->stream) cudaStreamSynchronize(cu->stream);
+        if (cu->copy_stream) cudaStreamSynchronize(cu->copy_stream);
+        if (cu->queued_mark) cudaEventDestroy(cu->queued_mark);
+        if (cu->uploads_done) cudaEventDestroy(cu->uploads_done);
+        if (cu->copy_stream) cudaStreamDestroy(cu->copy_stream);
         cudaFree(cu->scratch);
         cudaFree(cu->xent_result);
+        cudaFree(cu->nonfinite);
         kfac__cudnn_conv_free(cu); /* descriptors before their handle */
         if (cu->cudnn) cudnnDestroy(cu->cudnn);
         if (cu->cublas) cublasDestroy(cu->cublas);
@@ -347,11 +431,16 @@ static kfac_status cuda_setup(kfac_cuda *cu, int device)
     KFAC_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     snprintf(cu->device_name, sizeof cu->device_name, "%s", prop.name);
     KFAC_CUDA_CHECK(cudaStreamCreateWithFlags(&cu->stream, cudaStreamNonBlocking));
+    KFAC_CUDA_CHECK(cudaStreamCreateWithFlags(&cu->copy_stream, cudaStreamNonBlocking));
+    KFAC_CUDA_CHECK(cudaEventCreateWithFlags(&cu->queued_mark, cudaEventDisableTiming));
+    KFAC_CUDA_CHECK(cudaEventCreateWithFlags(&cu->uploads_done, cudaEventDisableTiming));
     KFAC_CUBLAS_CHECK(cublasCreate(&cu->cublas));
     KFAC_CUBLAS_CHECK(cublasSetStream(cu->cublas, cu->stream));
     KFAC_TRY(cudnn_setup(cu));
     KFAC_CUDA_CHECK(cudaMalloc((void **)&cu->xent_result, sizeof *cu->xent_result));
     count_bytes(cu, sizeof *cu->xent_result, 0);
+    KFAC_CUDA_CHECK(cudaMalloc((void **)&cu->nonfinite, sizeof *cu->nonfinite));
+    count_bytes(cu, sizeof *cu->nonfinite, 0);
     return KFAC_OK;
 }
 
@@ -373,6 +462,10 @@ kfac_status kfac_backend_cuda_init(int device, kfac_backend **out)
     }
     be->name = "cuda";
     be->threads = 1;
+    be->act_dtype = KFAC_F32;
+    cu->act_dtype = KFAC_F32;
+    be->set_precision = cuda_set_precision;
+    be->convert = cuda_convert;
     be->alloc = cuda_alloc;
     be->release = cuda_release;
     be->peak_bytes = cuda_peak_bytes;
@@ -380,6 +473,9 @@ kfac_status kfac_backend_cuda_init(int device, kfac_backend **out)
     be->host_release = cuda_host_release;
     be->upload = cuda_upload;
     be->download = cuda_download;
+    be->upload_async = cuda_upload_async;
+    be->upload_join = cuda_upload_join;
+    be->upload_wait = cuda_upload_wait;
     be->fill = cuda_fill;
     be->conv_workspace = cuda_conv_workspace;
     be->conv_forward = cuda_conv_forward;
@@ -396,6 +492,7 @@ kfac_status kfac_backend_cuda_init(int device, kfac_backend **out)
     be->gap_forward = cuda_gap_forward;
     be->gap_backward = cuda_gap_backward;
     be->softmax_xent = cuda_softmax_xent;
+    be->scale_grads = cuda_scale_grads;
     be->sgd_update = cuda_sgd_update;
     be->destroy = cuda_destroy;
     *out = be;

@@ -1,12 +1,24 @@
 /* conv_cudnn.c - the CUDA backend's convolutions through cuDNN:
- * cudnnConvolutionForward (+ cudnnAddTensor for the bias),
- * cudnnConvolutionBackwardData, cudnnConvolutionBackwardFilter and
- * cudnnConvolutionBackwardBias, all on the backend's stream.
+ * cudnnConvolutionForward, cudnnConvolutionBackwardData and
+ * cudnnConvolutionBackwardFilter, all on the backend's stream; the bias of
+ * fully connected layers is added and summed by kernels/bias.cu (one code
+ * path for every precision, deterministic).
  *
  * Layouts map one to one: NHWC activations are CUDNN_TENSOR_NHWC tensors,
  * KRSC weights are cuDNN's NHWC filters with dims (k, c, kh, kw), and a
  * kfac_conv_desc is a cross-correlation with equal padding and stride on
  * both axes and no dilation.
+ *
+ * Precision: tensors and filters have the backend's act_dtype (float,
+ * bf16 or half); the convolution computes in float always (cuDNN's
+ * PSEUDO_HALF / PSEUDO_BFLOAT16 configurations: 16-bit products, float
+ * accumulation).  Weights and weight gradients are float32 masters, so
+ * with a 16-bit act_dtype the operations round w into a 16-bit copy in the
+ * workspace before the product, and backward filter writes a 16-bit dw
+ * into the workspace that is then widened into the float32 dw.  Workspace
+ * layout (each piece 256-byte aligned from the workspace's start):
+ *     [ cuDNN scratch | w in act_dtype | dw in act_dtype ]
+ * (only the first piece for float32).
  *
  * Algorithm policy, decided once per geometry (choose()):
  *  - cuDNN's heuristics (cudnnGet*Algorithm_v7), not the Find* searches:
@@ -18,9 +30,16 @@
  *    CUDNN_DETERMINISTIC (the others sum with atomics, so gradients would
  *    change from run to run); only when none fits is the best
  *    nondeterministic one taken.  Forward algorithms are deterministic.
- *  - math CUDNN_FMA_MATH unless KFAC_CUDNN_TF32 is set (cu->allow_tf32):
- *    CUDNN_DEFAULT_MATH *permits* TF32 tensor cores for fp32 data on
- *    Ampere and later, so plain fp32 has to be asked for.
+ *  - float32: math CUDNN_FMA_MATH unless KFAC_CUDNN_TF32 is set
+ *    (cu->allow_tf32): CUDNN_DEFAULT_MATH *permits* TF32 tensor cores for
+ *    fp32 data on Ampere and later, so plain fp32 has to be asked for.
+ *  - 16-bit: the heuristics are asked under CUDNN_TENSOR_OP_MATH and each
+ *    candidate runs with the math type they give for it
+ *    (CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION, never needed for 16-bit data,
+ *    becomes CUDNN_TENSOR_OP_MATH).  Should no candidate work (tensor-core
+ *    kernels can refuse odd channel counts, e.g. the 3 channels of an RGB
+ *    stem), they are asked again under CUDNN_DEFAULT_MATH, then
+ *    CUDNN_FMA_MATH, before choose() gives up with the reason.
  *
  * cuDNN 9 marks this legacy API deprecated (a warning only under
  * CUDNN_WARN_DEPRECATED) but still ships it; its replacement is the graph
@@ -37,20 +56,23 @@
  * fastest algorithm claims gigabytes of the model's arena; past it the
  * heuristics' next-ranked algorithm is taken. */
 #define WS_CAP ((size_t)256 << 20)
+/* Alignment of each piece of the workspace (layout at the top). */
+#define WS_ALIGN ((size_t)256)
 
 enum { FWD, DATA, FILTER, NDIR };
 static const char *const dir_name[NDIR] = {"forward", "backward data", "backward filter"};
 
 typedef struct conv_plan {
     kfac_conv_desc d;
-    int sized;                          /* ws_bytes was reported by conv_workspace */
-    cudnnTensorDescriptor_t x, y, bias; /* (n,c,h,w), (n,k,ho,wo), (1,k,1,1), NHWC */
+    kfac_dtype dtype;                   /* of x, y, w in cuDNN: the backend's act_dtype */
+    int sized;                          /* plan_bytes was reported by conv_workspace */
+    cudnnTensorDescriptor_t x, y;       /* (n,c,h,w), (n,k,ho,wo), NHWC */
     cudnnFilterDescriptor_t w;          /* (k,c,kh,kw) NHWC = KRSC */
     cudnnConvolutionDescriptor_t conv;
     int algo[NDIR];                     /* cudnnConvolution{Fwd,BwdData,BwdFilter}Algo_t */
     cudnnMathType_t math[NDIR];         /* set on conv before each direction runs */
     cudnnDeterminism_t determinism[NDIR];
-    size_t ws[NDIR], ws_bytes;          /* per direction, and their max */
+    size_t ws[NDIR], ws_bytes;          /* cuDNN's scratch per direction, and their max */
 } conv_plan;
 
 struct kfac_conv_cache {
@@ -74,24 +96,25 @@ static int same_geometry(const kfac_conv_desc *a, const kfac_conv_desc *b)
 static conv_plan *find_plan(const kfac_cuda *cu, const kfac_conv_desc *d)
 {
     const struct kfac_conv_cache *cc = cu->convs;
-    for (int i = 0; cc && i < cc->count; i++)
-        if (cc->plans[i]->d.n == d->n && same_geometry(&cc->plans[i]->d, d)) return cc->plans[i];
+    for (int i = 0; cc && i < cc->count; i++) {
+        conv_plan *q = cc->plans[i];
+        if (q->d.n == d->n && same_geometry(&q->d, d) && q->dtype == cu->act_dtype) return q;
+    }
     return NULL;
 }
 
-/* The workspace a caller gives a batch of d->n when it sized it for a larger
- * batch of the same geometry (the model's partial batches): the smallest
- * such size, 0 when there is none. */
-static size_t sibling_workspace(const kfac_cuda *cu, const kfac_conv_desc *d)
+/* The plan of a larger batch of d's geometry that conv_workspace sized (the
+ * smallest such), whose workspace a caller gives a batch of d->n (the
+ * model's partial batches); NULL when there is none. */
+static const conv_plan *sized_sibling(const kfac_cuda *cu, const kfac_conv_desc *d)
 {
     const struct kfac_conv_cache *cc = cu->convs;
-    size_t best = 0;
-    int found = 0;
+    const conv_plan *best = NULL;
     for (int i = 0; cc && i < cc->count; i++) {
         const conv_plan *q = cc->plans[i];
-        if (!q->sized || q->d.n < d->n || !same_geometry(&q->d, d)) continue;
-        if (!found || q->ws_bytes < best) best = q->ws_bytes;
-        found = 1;
+        if (!q->sized || q->d.n < d->n || !same_geometry(&q->d, d) || q->dtype != cu->act_dtype)
+            continue;
+        if (!best || q->ws_bytes < best->ws_bytes) best = q;
     }
     return best;
 }
@@ -120,11 +143,12 @@ static void plan_free(conv_plan *p)
     if (!p) return;
     if (p->x) cudnnDestroyTensorDescriptor(p->x);
     if (p->y) cudnnDestroyTensorDescriptor(p->y);
-    if (p->bias) cudnnDestroyTensorDescriptor(p->bias);
     if (p->w) cudnnDestroyFilterDescriptor(p->w);
     if (p->conv) cudnnDestroyConvolutionDescriptor(p->conv);
     free(p);
 }
+
+int kfac__cudnn_conv_plans(const kfac_cuda *cu) { return cu->convs ? cu->convs->count : 0; }
 
 void kfac__cudnn_conv_free(kfac_cuda *cu)
 {
@@ -136,7 +160,43 @@ void kfac__cudnn_conv_free(kfac_cuda *cu)
     cu->convs = NULL;
 }
 
+/* ---- workspace layout (top of the file) ---- */
+
+static size_t align_up(size_t bytes) { return (bytes + WS_ALIGN - 1) / WS_ALIGN * WS_ALIGN; }
+
+static size_t weight_count(const kfac_conv_desc *d)
+{
+    return (size_t)d->k * d->kh * d->kw * d->c;
+}
+
+/* Bytes of one 16-bit weight copy, padded to the alignment; 0 for float32. */
+static size_t copy_bytes(const conv_plan *p)
+{
+    return p->dtype == KFAC_F32 ? 0 : align_up(weight_count(&p->d) * kfac_dtype_size(p->dtype));
+}
+
+/* Workspace bytes p runs in: cuDNN's scratch, then the two weight copies.
+ * Monotone in ws_bytes, so a partial batch's plan (ws_bytes capped by its
+ * sibling's) fits in the sibling's workspace. */
+static size_t plan_bytes(const conv_plan *p)
+{
+    return p->dtype == KFAC_F32 ? p->ws_bytes : align_up(p->ws_bytes) + 2 * copy_bytes(p);
+}
+
+/* The 16-bit weight and weight-gradient copies in ws (16-bit act_dtype). */
+static void *w_copy(const conv_plan *p, void *ws) { return (char *)ws + align_up(p->ws_bytes); }
+static void *dw_copy(const conv_plan *p, void *ws)
+{
+    return (char *)ws + align_up(p->ws_bytes) + copy_bytes(p);
+}
+
 /* ---- descriptors ---- */
+
+static cudnnDataType_t cudnn_type(kfac_dtype t)
+{
+    return t == KFAC_BF16 ? CUDNN_DATA_BFLOAT16 : t == KFAC_F16 ? CUDNN_DATA_HALF
+                                                                : CUDNN_DATA_FLOAT;
+}
 
 static kfac_status check_geometry(const kfac_conv_desc *d)
 {
@@ -153,22 +213,22 @@ static kfac_status check_geometry(const kfac_conv_desc *d)
     return KFAC_OK;
 }
 
-static kfac_status plan_describe(conv_plan *p, const kfac_conv_desc *d)
+/* Descriptors of d in the type dtype; the product accumulates in float. */
+static kfac_status plan_describe(conv_plan *p, const kfac_conv_desc *d, kfac_dtype dtype)
 {
+    cudnnDataType_t t = cudnn_type(dtype);
     p->d = *d;
+    p->dtype = dtype;
     KFAC_CUDNN_CHECK(cudnnCreateTensorDescriptor(&p->x));
     KFAC_CUDNN_CHECK(cudnnCreateTensorDescriptor(&p->y));
-    KFAC_CUDNN_CHECK(cudnnCreateTensorDescriptor(&p->bias));
     KFAC_CUDNN_CHECK(cudnnCreateFilterDescriptor(&p->w));
     KFAC_CUDNN_CHECK(cudnnCreateConvolutionDescriptor(&p->conv));
-    KFAC_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p->x, CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, d->n,
-                                                d->c, d->h, d->w));
-    KFAC_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p->y, CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, d->n,
-                                                d->k, d->ho, d->wo));
-    KFAC_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p->bias, CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, 1,
-                                                d->k, 1, 1));
-    KFAC_CUDNN_CHECK(cudnnSetFilter4dDescriptor(p->w, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NHWC, d->k,
-                                                d->c, d->kh, d->kw));
+    KFAC_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p->x, CUDNN_TENSOR_NHWC, t, d->n, d->c, d->h,
+                                                d->w));
+    KFAC_CUDNN_CHECK(cudnnSetTensor4dDescriptor(p->y, CUDNN_TENSOR_NHWC, t, d->n, d->k, d->ho,
+                                                d->wo));
+    KFAC_CUDNN_CHECK(cudnnSetFilter4dDescriptor(p->w, t, CUDNN_TENSOR_NHWC, d->k, d->c, d->kh,
+                                                d->kw));
     KFAC_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(p->conv, d->pad, d->pad, d->stride,
                                                      d->stride, 1, 1, CUDNN_CROSS_CORRELATION,
                                                      CUDNN_DATA_FLOAT));
@@ -243,25 +303,42 @@ static cudnnStatus_t algo_workspace(kfac_cuda *cu, const conv_plan *p, int dir, 
         cu->cudnn, p->x, p->y, p->conv, p->w, (cudnnConvolutionBwdFilterAlgo_t)algo, bytes);
 }
 
-static cudnnMathType_t base_math(const kfac_cuda *cu)
+/* The math types the heuristics are asked under, in order, for p (policy
+ * at the top of the file); returns how many. */
+static int query_maths(const kfac_cuda *cu, const conv_plan *p, cudnnMathType_t out[3])
 {
-    return cu->allow_tf32 ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH;
+    if (p->dtype == KFAC_F32) {
+        out[0] = cu->allow_tf32 ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH;
+        return 1;
+    }
+    out[0] = CUDNN_TENSOR_OP_MATH;
+    out[1] = CUDNN_DEFAULT_MATH;
+    out[2] = CUDNN_FMA_MATH;
+    return 3;
 }
 
-/* Picks p's algorithm for one direction (policy at the top of the file). */
-static kfac_status choose(kfac_cuda *cu, conv_plan *p, int dir, size_t cap)
+/* The math type a candidate runs with, asked under `query`. */
+static cudnnMathType_t run_math(const kfac_cuda *cu, const conv_plan *p, cudnnMathType_t query,
+                                cudnnMathType_t cand)
 {
-    candidate cand[CUDNN_CONVOLUTION_FWD_ALGO_COUNT];
-    int n = 0;
-    KFAC_CUDNN_CHECK(cudnnSetConvolutionMathType(p->conv, base_math(cu)));
-    KFAC_TRY(heuristics(cu, p, dir, cand, &n));
+    if (p->dtype == KFAC_F32 && !cu->allow_tf32) return CUDNN_FMA_MATH;
+    if (query == CUDNN_FMA_MATH) return CUDNN_FMA_MATH;
+    if (cand == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION) return CUDNN_TENSOR_OP_MATH;
+    return cand;
+}
+
+/* The first of cand[0..n) that cuDNN can run within cap bytes of
+ * workspace, deterministic ones first (but for FWD), into p; *found = 0
+ * when there is none. */
+static kfac_status pick(kfac_cuda *cu, conv_plan *p, int dir, size_t cap, cudnnMathType_t query,
+                        const candidate *cand, int n, int *found)
+{
+    *found = 0;
     for (int pass = dir == FWD ? 1 : 0; pass < 2; pass++) { /* 0: deterministic only */
         for (int i = 0; i < n; i++) {
             if (cand[i].status != CUDNN_STATUS_SUCCESS) continue;
             if (pass == 0 && cand[i].determinism != CUDNN_DETERMINISTIC) continue;
-            cudnnMathType_t math = cu->allow_tf32 ? cand[i].math : CUDNN_FMA_MATH;
-            if (math == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION) /* no fp32 -> fp16 */
-                math = CUDNN_TENSOR_OP_MATH;
+            cudnnMathType_t math = run_math(cu, p, query, cand[i].math);
             size_t bytes = 0;
             KFAC_CUDNN_CHECK(cudnnSetConvolutionMathType(p->conv, math));
             if (algo_workspace(cu, p, dir, cand[i].algo, &bytes) != CUDNN_STATUS_SUCCESS) {
@@ -274,14 +351,33 @@ static kfac_status choose(kfac_cuda *cu, conv_plan *p, int dir, size_t cap)
             p->math[dir] = math;
             p->determinism[dir] = cand[i].determinism;
             p->ws[dir] = bytes;
+            *found = 1;
             return KFAC_OK;
         }
     }
+    return KFAC_OK;
+}
+
+/* Picks p's algorithm for one direction (policy at the top of the file). */
+static kfac_status choose(kfac_cuda *cu, conv_plan *p, int dir, size_t cap)
+{
+    candidate cand[CUDNN_CONVOLUTION_FWD_ALGO_COUNT];
+    cudnnMathType_t maths[3];
+    int nmaths = query_maths(cu, p, maths), n = 0, found = 0;
+    for (int m = 0; m < nmaths; m++) {
+        KFAC_CUDNN_CHECK(cudnnSetConvolutionMathType(p->conv, maths[m]));
+        KFAC_TRY(heuristics(cu, p, dir, cand, &n));
+        KFAC_TRY(pick(cu, p, dir, cap, maths[m], cand, n, &found));
+        if (found) return KFAC_OK;
+    }
     return KFAC_ERR(KFAC_ENOTSUP,
-                    "cudnn: no %s algorithm for " GEOM_FMT " fits in %zu bytes of "
-                    "workspace (%d candidates)%s",
-                    dir_name[dir], GEOM_ARGS(&p->d), cap, n,
-                    cap < WS_CAP ? "; call conv_workspace() for this geometry first" : "");
+                    "cudnn: no %s algorithm for " GEOM_FMT " in %s fits in %zu bytes of "
+                    "workspace (%d candidates)%s%s",
+                    dir_name[dir], GEOM_ARGS(&p->d), kfac_dtype_name(p->dtype), cap, n,
+                    cap < WS_CAP ? "; call conv_workspace() for this geometry first" : "",
+                    p->dtype != KFAC_F32 && (p->d.c % 8 || p->d.k % 8)
+                        ? "; 16-bit kernels may need channel counts that are multiples of 8"
+                        : "");
 }
 
 static kfac_status choose_all(kfac_cuda *cu, conv_plan *p, size_t cap)
@@ -293,16 +389,19 @@ static kfac_status choose_all(kfac_cuda *cu, conv_plan *p, size_t cap)
     return KFAC_OK;
 }
 
+/* Plans d within cap bytes of cuDNN scratch and caches the plan in *out;
+ * with out NULL only tries (for the reason planning fails), keeping
+ * nothing. */
 static kfac_status make_plan(kfac_cuda *cu, const kfac_conv_desc *d, size_t cap, conv_plan **out)
 {
-    *out = NULL;
+    if (out) *out = NULL;
     KFAC_TRY(check_geometry(d));
     conv_plan *p = calloc(1, sizeof *p);
     if (!p) return KFAC_ERR(KFAC_ENOMEM, "cudnn: cannot allocate a convolution plan");
-    kfac_status st = plan_describe(p, d);
+    kfac_status st = plan_describe(p, d, cu->act_dtype);
     if (st == KFAC_OK) st = choose_all(cu, p, cap);
-    if (st == KFAC_OK) st = cache_add(cu, p);
-    if (st != KFAC_OK) {
+    if (st == KFAC_OK && out) st = cache_add(cu, p);
+    if (st != KFAC_OK || !out) {
         plan_free(p);
         return st;
     }
@@ -312,12 +411,21 @@ static kfac_status make_plan(kfac_cuda *cu, const kfac_conv_desc *d, size_t cap,
 
 /* The plan for a conv call.  A geometry conv_workspace never saw is planned
  * within the workspace its caller can have: that of a larger sized batch
- * of the same geometry, else none. */
+ * of the same geometry, else none (float32 only: 16-bit convolutions need
+ * workspace for their weight copies). */
 static kfac_status plan_for_call(kfac_cuda *cu, const kfac_conv_desc *d, conv_plan **out)
 {
     *out = find_plan(cu, d);
     if (*out) return KFAC_OK;
-    return make_plan(cu, d, sibling_workspace(cu, d), out);
+    const conv_plan *sib = sized_sibling(cu, d);
+    if (!sib && cu->act_dtype != KFAC_F32) {
+        /* The reason conv_workspace() got no plan (it returned 0), if so. */
+        KFAC_TRY(make_plan(cu, d, WS_CAP, NULL));
+        return KFAC_ERR(KFAC_EINVAL, "conv: " GEOM_FMT ": %s convolutions run in the workspace "
+                        "conv_workspace() reports (it holds 16-bit weight copies); call it for "
+                        "this geometry first", GEOM_ARGS(d), kfac_dtype_name(cu->act_dtype));
+    }
+    return make_plan(cu, d, sib ? sib->ws_bytes : 0, out);
 }
 
 size_t kfac__cudnn_conv_workspace(kfac_cuda *cu, const kfac_conv_desc *d)
@@ -327,7 +435,7 @@ size_t kfac__cudnn_conv_workspace(kfac_cuda *cu, const kfac_conv_desc *d)
     if (p && !p->sized && choose_all(cu, p, WS_CAP) != KFAC_OK) return 0; /* re-plan, larger cap */
     if (!p && make_plan(cu, d, WS_CAP, &p) != KFAC_OK) return 0;
     p->sized = 1;
-    return p->ws_bytes;
+    return plan_bytes(p);
 }
 
 /* ---- the operations ---- */
@@ -338,6 +446,27 @@ static kfac_status use_math(const conv_plan *p, int dir)
     return KFAC_OK;
 }
 
+/* 16-bit act_dtype: w rounded into its copy in ws, which is returned. */
+static kfac_status weights_16(kfac_cuda *cu, const conv_plan *p, const float *w, void *ws,
+                              const void **out)
+{
+    void *w16 = w_copy(p, ws);
+    KFAC_CUDA_CHECK_AS("conv (weights to 16 bits)",
+                       kfac_k_convert(weight_count(&p->d), w, KFAC_F32, w16, p->dtype,
+                                      cu->stream));
+    *out = w16;
+    return KFAC_OK;
+}
+
+static kfac_status check_ws(const conv_plan *p, const void *ws)
+{
+    if (p->dtype != KFAC_F32 && !ws)
+        return KFAC_ERR(KFAC_EINVAL, "conv: " GEOM_FMT ": %s convolutions need the workspace "
+                        "conv_workspace() reports (%zu bytes), got NULL", GEOM_ARGS(&p->d),
+                        kfac_dtype_name(p->dtype), plan_bytes(p));
+    return KFAC_OK;
+}
+
 kfac_status kfac__cudnn_conv_forward(kfac_cuda *cu, const kfac_conv_desc *d, const float *x,
                                      const float *w, const float *bias, float *y, void *ws)
 {
@@ -345,15 +474,19 @@ kfac_status kfac__cudnn_conv_forward(kfac_cuda *cu, const kfac_conv_desc *d, con
     if (d->n == 0) return KFAC_OK;
     conv_plan *p;
     KFAC_TRY(plan_for_call(cu, d, &p));
+    KFAC_TRY(check_ws(p, ws));
+    const void *wt = w;
+    if (p->dtype != KFAC_F32) KFAC_TRY(weights_16(cu, p, w, ws, &wt));
     KFAC_TRY(use_math(p, FWD));
     KFAC_CUDNN_CHECK_AS("conv forward",
-                        cudnnConvolutionForward(cu->cudnn, &one, p->x, x, p->w, w, p->conv,
+                        cudnnConvolutionForward(cu->cudnn, &one, p->x, x, p->w, wt, p->conv,
                                                 (cudnnConvolutionFwdAlgo_t)p->algo[FWD],
                                                 p->ws[FWD] ? ws : NULL, p->ws[FWD], &zero, p->y,
                                                 y));
-    if (bias) /* y(n,ho,wo,k) += bias(k): broadcast over n, ho, wo */
-        KFAC_CUDNN_CHECK_AS("conv forward bias",
-                            cudnnAddTensor(cu->cudnn, &one, p->bias, bias, &one, p->y, y));
+    if (bias) /* y(n,ho,wo,k) += bias(k): broadcast over the n*ho*wo rows */
+        KFAC_CUDA_CHECK_AS("conv forward bias",
+                           kfac_k_bias_forward(p->dtype, (size_t)d->n * d->ho * d->wo, d->k, y,
+                                               bias, cu->stream));
     return KFAC_OK;
 }
 
@@ -363,9 +496,8 @@ kfac_status kfac__cudnn_conv_backward(kfac_cuda *cu, const kfac_conv_desc *d, co
 {
     static const float one = 1.0f, zero = 0.0f;
     if (d->n == 0) { /* sums over no pixels */
-        size_t nw = (size_t)d->k * d->kh * d->kw * d->c;
         KFAC_CUDA_CHECK_AS("conv backward (empty batch)",
-                           cudaMemsetAsync(dw, 0, nw * sizeof *dw, cu->stream));
+                           cudaMemsetAsync(dw, 0, weight_count(d) * sizeof *dw, cu->stream));
         if (db)
             KFAC_CUDA_CHECK_AS("conv backward (empty batch)",
                                cudaMemsetAsync(db, 0, (size_t)d->k * sizeof *db, cu->stream));
@@ -373,25 +505,34 @@ kfac_status kfac__cudnn_conv_backward(kfac_cuda *cu, const kfac_conv_desc *d, co
     }
     conv_plan *p;
     KFAC_TRY(plan_for_call(cu, d, &p));
+    KFAC_TRY(check_ws(p, ws));
     if (dx) { /* beta 1 adds to dx, beta 0 overwrites it without reading it */
+        const void *wt = w;
+        if (p->dtype != KFAC_F32) KFAC_TRY(weights_16(cu, p, w, ws, &wt));
         KFAC_TRY(use_math(p, DATA));
         KFAC_CUDNN_CHECK_AS("conv backward data",
                             cudnnConvolutionBackwardData(
-                                cu->cudnn, &one, p->w, w, p->y, dy, p->conv,
+                                cu->cudnn, &one, p->w, wt, p->y, dy, p->conv,
                                 (cudnnConvolutionBwdDataAlgo_t)p->algo[DATA],
                                 p->ws[DATA] ? ws : NULL, p->ws[DATA], accumulate ? &one : &zero,
                                 p->x, dx));
     }
+    /* 16-bit: cuDNN's dw has the filter's type; it is widened into dw. */
+    void *dwt = p->dtype == KFAC_F32 ? (void *)dw : dw_copy(p, ws);
     KFAC_TRY(use_math(p, FILTER));
     KFAC_CUDNN_CHECK_AS("conv backward filter",
                         cudnnConvolutionBackwardFilter(
                             cu->cudnn, &one, p->x, x, p->y, dy, p->conv,
                             (cudnnConvolutionBwdFilterAlgo_t)p->algo[FILTER],
-                            p->ws[FILTER] ? ws : NULL, p->ws[FILTER], &zero, p->w, dw));
-    if (db) /* db(k) = sum over n, ho, wo of dy */
-        KFAC_CUDNN_CHECK_AS("conv backward bias",
-                            cudnnConvolutionBackwardBias(cu->cudnn, &one, p->y, dy, &zero,
-                                                         p->bias, db));
+                            p->ws[FILTER] ? ws : NULL, p->ws[FILTER], &zero, p->w, dwt));
+    if (p->dtype != KFAC_F32)
+        KFAC_CUDA_CHECK_AS("conv backward filter (weight gradient to float)",
+                           kfac_k_convert(weight_count(d), dwt, p->dtype, dw, KFAC_F32,
+                                          cu->stream));
+    if (db) /* db(k) = sum over the n*ho*wo rows of dy */
+        KFAC_CUDA_CHECK_AS("conv backward bias",
+                           kfac_k_bias_backward(p->dtype, (size_t)d->n * d->ho * d->wo, d->k, dy,
+                                                db, cu->stream));
     return KFAC_OK;
 }
 
@@ -425,13 +566,13 @@ kfac_status kfac__cudnn_conv_describe(kfac_cuda *cu, const kfac_conv_desc *d, ch
 {
     conv_plan *p;
     KFAC_TRY(plan_for_call(cu, d, &p));
-    int at = 0;
+    int at = snprintf(buf, len, "%s: ", kfac_dtype_name(p->dtype));
     for (int dir = 0; dir < NDIR && at >= 0 && (size_t)at < len; dir++)
         at += snprintf(buf + at, len - (size_t)at, "%s %s %s%s, ", dir == FWD ? "fwd" :
                        dir == DATA ? "data" : "filter", algo_name(dir, p->algo[dir]),
                        math_name(p->math[dir]),
                        p->determinism[dir] == CUDNN_DETERMINISTIC ? "" : " nondet");
     if (at >= 0 && (size_t)at < len)
-        snprintf(buf + at, len - (size_t)at, "ws %.2f MiB", (double)p->ws_bytes / (1 << 20));
+        snprintf(buf + at, len - (size_t)at, "ws %.2f MiB", (double)plan_bytes(p) / (1 << 20));
     return KFAC_OK;
 }

@@ -7,15 +7,19 @@
  * and one algorithm per direction, chosen once.  kfac__cudnn_conv_workspace
  * makes the plan and reports the scratch bytes the plan needs; later calls
  * with that geometry, or with the same one and a smaller batch (the model's
- * partial batches), run in a workspace of that size.  Plans live until
- * kfac__cudnn_conv_free.  Not thread-safe, like the backend itself. */
+ * partial batches), run in a workspace of that size.  Plans carry the
+ * backend's act_dtype (kfac_cuda.act_dtype) when they are made and live
+ * until kfac__cudnn_conv_free.  Not thread-safe, like the backend itself. */
 #ifndef KFAC_CONV_CUDNN_H
 #define KFAC_CONV_CUDNN_H
 
 #include "cuda/cuda_backend.h"
 
-/* Bytes of workspace for d (0 also when no plan could be made: the next
- * conv call with d then returns the reason). */
+/* Bytes of workspace for d: cuDNN's scratch, and with a 16-bit act_dtype
+ * room for 16-bit copies of w and dw (0 also when no plan could be made:
+ * the next conv call with d then returns the reason).  With a 16-bit
+ * act_dtype every conv call needs this workspace (that of a larger batch
+ * of the same geometry serves), so call this before them. */
 size_t kfac__cudnn_conv_workspace(kfac_cuda *cu, const kfac_conv_desc *d);
 
 kfac_status kfac__cudnn_conv_forward(kfac_cuda *cu, const kfac_conv_desc *d, const float *x,
@@ -25,11 +29,14 @@ kfac_status kfac__cudnn_conv_backward(kfac_cuda *cu, const kfac_conv_desc *d, co
                                       const float *w, const float *dy, float *dx, int accumulate,
                                       float *dw, float *db, void *ws);
 
-/* Writes the algorithms chosen for d (a plan is made if needed) as one line,
- * e.g. "fwd IMPLICIT_PRECOMP_GEMM, data ALGO_1, filter ALGO_1, 1.2 MiB", for
- * tests and logs. */
+/* Writes the type and algorithms chosen for d (a plan is made if needed)
+ * as one line, e.g. "bf16: fwd IMPLICIT_PRECOMP_GEMM tensor-op, data ALGO_1
+ * tensor-op, filter ALGO_1 tensor-op, ws 1.20 MiB", for tests and logs. */
 kfac_status kfac__cudnn_conv_describe(kfac_cuda *cu, const kfac_conv_desc *d, char *buf,
                                       size_t len);
+
+/* How many plans exist (set_precision refuses once there is one). */
+int kfac__cudnn_conv_plans(const kfac_cuda *cu);
 
 /* Destroys every plan's descriptors (before cudnnDestroy). */
 void kfac__cudnn_conv_free(kfac_cuda *cu);

@@ -1,7 +1,8 @@
 /* cuda_backend.h - internal: the CUDA backend's state and its error checks.
- * Operations run in order on one non-blocking stream; only upload, download
- * and softmax_xent (whose results are host values) wait for it.  cuBLAS and
- * cuDNN are bound to that stream.
+ * Operations run in order on one non-blocking stream; only upload, download,
+ * softmax_xent and scale_grads (whose results are host values) wait for it.
+ * cuBLAS and cuDNN are bound to that stream.  upload_async copies on a
+ * second stream, ordered against the first by two events.
  *
  * Environment (read once, when the backend is created):
  *   KFAC_CUDNN_TF32=1  lets cuDNN convolutions use TF32 tensor cores (10-bit
@@ -28,16 +29,21 @@ typedef struct kfac_cuda {
     int device;
     char device_name[256];
     cudaStream_t stream;
+    cudaStream_t copy_stream;        /* upload_async */
+    cudaEvent_t queued_mark;         /* stream's work before an upload_async */
+    cudaEvent_t uploads_done;        /* the last upload_async's copy */
     cublasHandle_t cublas;
     cudnnHandle_t cudnn;
     int allow_tf32;                  /* KFAC_CUDNN_TF32: see above */
+    kfac_dtype act_dtype;            /* = the backend's act_dtype (set_precision sets both) */
     struct kfac_conv_cache *convs;   /* conv_cudnn.c: one plan per geometry */
     void *scratch;                   /* batch-norm and loss scratch, grown on demand */
     size_t scratch_bytes;
     kfac_k_xent_result *xent_result; /* device */
+    int *nonfinite;                  /* device flag of scale_grads */
     kfac_cuda_block *blocks;         /* live cuda_alloc blocks (model arena, cuDNN */
     int nblocks, cap_blocks;         /* workspace, parameters, optimizer state) */
-    size_t bytes_held, bytes_peak;   /* blocks + scratch + xent_result; peak_bytes */
+    size_t bytes_held, bytes_peak;   /* blocks + scratch + results; peak_bytes */
 } kfac_cuda;
 
 static inline kfac_cuda *kfac__cuda(kfac_backend *be) { return (kfac_cuda *)be->impl; }

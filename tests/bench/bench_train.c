@@ -3,7 +3,7 @@
  *   {"name": ..., "value": ..., "unit": ..., ...}
  * Usage: bench_train [--model NAME] [--batch N] [--mode train|infer|sgemm]
  *                    [--optimizer sgd|kfac] [--threads T] [--seconds S]
- *                    [--device cpu|cuda]
+ *                    [--device cpu|cuda] [--precision f32|bf16|f16]
  * With --optimizer kfac the step is K-FAC's with its default refresh
  * intervals (averaged over at least one full inverse interval), and the
  * seconds spent in its stages are reported beside images/s.
@@ -15,6 +15,8 @@
  * KFAC_CUDNN_TF32=1) with the backend's peak device memory (model arena
  * with cuDNN workspace, parameters, gradients, momentum, scratch; not the
  * CUDA context or library handles, as torch.cuda.max_memory_allocated).
+ * --precision bf16|f16 (cuda) stores activations in 16 bits (train.precision;
+ * f16 with dynamic loss scaling), reported as _cuda_bf16 / _cuda_f16.
  * Every timed step ends with a wait for the device, so the time covers
  * finished GPU work. */
 #include <stdio.h>
@@ -25,6 +27,7 @@
 
 #include <cblas.h>
 
+#include "kfac/kfac_loss_scale.h"
 #include "kfac/kfac_optim.h"
 #include "kfac/kfac_precond.h"
 #include "kfac/kfac_resnet.h"
@@ -54,7 +57,8 @@ static int usage(const char *why)
 {
     if (why) fprintf(stderr, "bench_train: %s\n", why);
     fprintf(stderr, "usage: bench_train [--model M] [--batch N] [--mode train|infer|sgemm] "
-                    "[--optimizer sgd|kfac] [--threads T] [--seconds S] [--device cpu|cuda]\n");
+                    "[--optimizer sgd|kfac] [--threads T] [--seconds S] [--device cpu|cuda] "
+                    "[--precision f32|bf16|f16]\n");
     return 2;
 }
 
@@ -65,15 +69,19 @@ static kfac_status finish(kfac_backend *be, kfac_model *m)
     return be->download(be, &first, kfac_model_logits(m), sizeof first);
 }
 
-/* The CUDA figure's line; precision as the backend runs its convolutions. */
+/* The CUDA figure's line; precision: the activations' type, and for f32 how
+ * the backend runs its convolutions. */
 static void print_cuda(const kfac_backend *be, const char *mode, const char *model, int batch,
                        double ips, double gflops)
 {
     const char *tf32 = getenv("KFAC_CUDNN_TF32");
+    const char *precision = be->act_dtype != KFAC_F32     ? kfac_dtype_name(be->act_dtype)
+                            : tf32 && !strcmp(tf32, "1") ? "tf32"
+                                                          : "fp32";
     double peak = be->peak_bytes ? be->peak_bytes(be) / 1048576.0 : -1;
     printf("{\"name\": \"kfac_%s_%s_b%d_cuda_%s\", \"value\": %.1f, \"unit\": \"images/s\", "
            "\"step_ms\": %.2f, \"gflops\": %.1f, \"peak_gpu_mib\": %.1f}\n",
-           mode, model, batch, tf32 && !strcmp(tf32, "1") ? "tf32" : "fp32", ips, 1e3 * batch / ips,
+           mode, model, batch, precision, ips, 1e3 * batch / ips,
            gflops, peak);
 }
 
@@ -101,7 +109,7 @@ static double sgemm_peak(int threads)
 int main(int argc, char **argv)
 {
     const char *model_name = "resnet8-fmnist", *mode = "train", *optimizer = "sgd",
-               *device = "cpu";
+               *device = "cpu", *precision = "f32";
     int batch = 256, threads = 2;
     double seconds = 10;
     for (int i = 1; i + 1 < argc; i += 2) {
@@ -112,6 +120,7 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--threads")) threads = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--seconds")) seconds = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--device")) device = argv[i + 1];
+        else if (!strcmp(argv[i], "--precision")) precision = argv[i + 1];
         else return usage(NULL);
     }
     int gpu = !strcmp(device, "cuda");
@@ -129,7 +138,12 @@ int main(int argc, char **argv)
     kfac_backend *be;
     kfac_model *m;
     kfac_sgd *sgd;
+    kfac_dtype act;
+    if (kfac_dtype_parse(precision, &act)) return usage("--precision: f32, bf16 or f16");
     if (kfac_backend_get(device, threads, &be)) return die("backend");
+    if (kfac_backend_set_precision(be, act)) return die("precision");
+    kfac_loss_scale scaler; /* f16, as a GradScaler */
+    kfac_loss_scale_init(&scaler, KFAC_LOSS_SCALE_INITIAL, KFAC_LOSS_SCALE_GROWTH_INTERVAL);
     if (kfac_resnet_build(model_name, NULL, be, batch, 1, &m)) return die("model");
     kfac_sgd_config cfg = {.momentum = 0.9f, .nesterov = 1, .weight_decay = 5e-4f};
     if (kfac_sgd_init(&sgd, m, &cfg)) return die("sgd");
@@ -172,10 +186,14 @@ int main(int argc, char **argv)
         } else {
             if (kfac_model_forward(m, batch, train ? KFAC_MODE_TRAIN : KFAC_MODE_EVAL))
                 return die("forward");
+            if (act == KFAC_F16) kfac_loss_scale_begin(&scaler, m);
             if (train && kfac_model_loss(m, batch, labels, 0.0f, &loss, &correct)) return die("loss");
             if (train && kfac_model_backward(m, batch)) return die("backward");
         }
-        if (train && kfac_sgd_step(sgd, 0.01f)) return die("sgd");
+        int apply = 1;
+        if (train && act == KFAC_F16 && kfac_loss_scale_finish(&scaler, m, &apply))
+            return die("loss scale");
+        if (train && apply && kfac_sgd_step(sgd, 0.01f)) return die("sgd");
         if (gpu && finish(be, m)) return die("synchronize");
         if (it >= warm) images += batch;
         if (it >= warm + 2 && (it + 1 - warm) % period == 0 && now() - t0 > seconds) break;

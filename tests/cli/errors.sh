@@ -26,4 +26,8 @@ expect_error "corrupt data file" "train-images-idx3-ubyte.gz: " \
 expect_error "ImageNet job without its dataset" "staging: /datasets/imagenet-hdf5: No such file" \
   train "$src/jobs/resnet50_1024gpu.yaml" --set output.dir="$tmp/imagenet"
 check "a job that cannot run leaves no output" test ! -e "$tmp/imagenet"
+expect_error "16-bit precision on the cpu" "train.precision bf16 needs train.device cuda" \
+  train "$tmp/ok.yaml" --set train.precision=bf16 --set output.dir="$tmp/bf16"
+expect_error "unknown precision" "--set train.precision: .*f32\|bf16\|f16" \
+  train "$tmp/ok.yaml" --set train.precision=fp8
 summary

@@ -7,7 +7,7 @@
  * chosen once at start-up with kfac_backend_get(); the only #ifdef for CUDA
  * lives in lib/core/backend.c.
  *
- * Layout conventions (all float32):
+ * Layout conventions:
  *   activations NHWC: x[((n*H + h)*W + w)*C + c]
  *   conv weights KRSC: w[((k*KH + r)*KW + s)*C + c]  (= cuDNN's NHWC filter)
  *   fully connected layers are 1x1 convolutions on 1x1 images.
@@ -15,6 +15,16 @@
  * matrix (N*H*W, C) with no copy, im2col rows are runs of C contiguous
  * floats, the same rows are K-FAC's input patches, and cuDNN's tensor-core
  * kernels want channels-last.
+ *
+ * Precision: parameters, their gradients, BN statistics and optimizer
+ * state are float32 always.  Activations and their gradients (x, y, dx, dy,
+ * logits, dlogits below) are stored in the backend's `act_dtype`: float32
+ * unless kfac_backend_set_precision chose bf16 or fp16 (CUDA only).  Their
+ * parameters keep the type `float *` as an address; with a 16-bit
+ * act_dtype they point at 16-bit values.  Arithmetic is float32 inside
+ * every operation (tensor-core products accumulate in float32), as
+ * PyTorch's autocast: convolutions round the float32 weights to act_dtype
+ * for the product and return float32 weight gradients.
  *
  * Backward operations *accumulate* into input gradients when `accumulate`
  * is nonzero (a tensor read by two layers, e.g. a residual block's input),
@@ -26,6 +36,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kfac/kfac_dtype.h"
 #include "kfac/kfac_status.h"
 
 #ifdef __cplusplus
@@ -57,7 +68,17 @@ struct kfac_backend {
     const char *name;
     int threads;           /* compute threads (CPU) */
     int cache_chunks;      /* evaluation runs in cache-sized pieces of the batch (CPU) */
+    kfac_dtype act_dtype;  /* storage of activations: F32, BF16 or F16 (see Precision) */
     void *impl;
+
+    /* Switches act_dtype; only before the first conv_workspace call (a
+     * model built on the backend keeps the type it was built with).  NULL:
+     * float32 only (CPU). */
+    kfac_status (*set_precision)(kfac_backend *be, kfac_dtype t);
+    /* dst[i] = src[i] for n values of the given types (round to nearest
+     * even when narrowing).  NULL where act_dtype can only be float32. */
+    kfac_status (*convert)(kfac_backend *be, size_t n, const void *src, kfac_dtype src_t,
+                           void *dst, kfac_dtype dst_t);
 
     /* memory */
     kfac_status (*alloc)(kfac_backend *be, size_t bytes, void **ptr);
@@ -70,6 +91,17 @@ struct kfac_backend {
     size_t (*peak_bytes)(const kfac_backend *be);
     kfac_status (*upload)(kfac_backend *be, void *dst, const void *src, size_t bytes);
     kfac_status (*download)(kfac_backend *be, void *dst, const void *src, size_t bytes);
+    /* Input prefetch: upload_async queues a copy of host memory (from
+     * host_alloc where the backend has one) into dst and returns at once;
+     * the copy starts after the operations queued before the call (so dst
+     * may be a buffer they still read) and runs beside those queued after.
+     * upload_join makes operations queued after it wait for the copies
+     * (on the device; the host does not block); upload_wait blocks the host
+     * until the copies are done (their sources may then be reused).  The
+     * CPU copies at once and joins trivially. */
+    kfac_status (*upload_async)(kfac_backend *be, void *dst, const void *src, size_t bytes);
+    kfac_status (*upload_join)(kfac_backend *be);
+    kfac_status (*upload_wait)(kfac_backend *be);
     kfac_status (*fill)(kfac_backend *be, float *x, float value, size_t n);
     /* Bytes of scratch memory conv operations need for this geometry. */
     size_t (*conv_workspace)(const kfac_backend *be, const kfac_conv_desc *d);
@@ -121,12 +153,17 @@ struct kfac_backend {
                                 int accumulate);
 
     /* Mean softmax cross-entropy over n rows with label smoothing eps
-     * (target = (1-eps) onehot + eps/classes).  Writes dlogits (gradient of
-     * the mean loss, may be NULL), the summed loss and the number of
-     * correct argmax predictions (host values). */
+     * (target = (1-eps) onehot + eps/classes).  Writes dlogits (grad_scale
+     * times the gradient of the mean loss, may be NULL; grad_scale is the
+     * loss scale of fp16 training, else 1), the summed loss and the number
+     * of correct argmax predictions (host values). */
     kfac_status (*softmax_xent)(kfac_backend *be, int n, int classes, const float *logits,
-                                const int32_t *labels, float smoothing, float *dlogits,
-                                double *loss_sum, int *correct);
+                                const int32_t *labels, float smoothing, float grad_scale,
+                                float *dlogits, double *loss_sum, int *correct);
+
+    /* g[i] *= scale for n float32 values; *finite (host) = 1 when every
+     * result is finite, 0 when one is inf or nan (dynamic loss scaling). */
+    kfac_status (*scale_grads)(kfac_backend *be, size_t n, float *g, float scale, int *finite);
 
     /* Momentum SGD on n parameters:
      *   g' = g + wd*p;  v = mom*v + g';  p -= lr * (nesterov ? g' + mom*v : v)   */
@@ -141,6 +178,10 @@ struct kfac_backend {
  * and KFAC_ENODEV when no GPU is present. */
 kfac_status kfac_backend_get(const char *name, int threads, kfac_backend **out);
 void kfac_backend_free(kfac_backend *be);
+
+/* Sets the backend's activation type (before building a model on it);
+ * KFAC_ENOTSUP, with the reason, where the backend has only float32. */
+kfac_status kfac_backend_set_precision(kfac_backend *be, kfac_dtype t);
 
 /* Backend constructors (used by kfac_backend_get). */
 kfac_status kfac_backend_cpu_init(int threads, kfac_backend **out);

@@ -28,18 +28,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kfac/kfac_dtype.h"
 #include "kfac/kfac_status.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-/* F64 is for the few scalars whose sums must not round (e.g. the KL clip). */
-typedef enum kfac_dtype { KFAC_F32 = 0, KFAC_F16 = 1, KFAC_BF16 = 2, KFAC_F64 = 3 } kfac_dtype;
-size_t kfac_dtype_size(kfac_dtype t);
-/* "f32", "f16", "bf16", "f64"; parse returns KFAC_EINVAL for anything else. */
-const char *kfac_dtype_name(kfac_dtype t);
-kfac_status kfac_dtype_parse(const char *name, kfac_dtype *out);
 
 /* Who a collective serves, for the byte counters. */
 typedef enum kfac_comm_stage {
@@ -122,12 +116,6 @@ uint64_t kfac_comm_ring_bytes_allreduce(int size, size_t count, kfac_dtype t);
 uint64_t kfac_comm_ring_bytes_reduce_scatterv(int size, int rank, const size_t *counts,
                                               kfac_dtype t);
 uint64_t kfac_comm_ring_bytes_allgatherv(int size, int rank, const size_t *counts, kfac_dtype t);
-
-/* float32 <-> 16-bit conversions (round to nearest even). */
-uint16_t kfac_f32_to_f16(float x);
-float kfac_f16_to_f32(uint16_t h);
-uint16_t kfac_f32_to_bf16(float x);
-float kfac_bf16_to_f32(uint16_t h);
 
 #ifdef __cplusplus
 }

@@ -95,6 +95,7 @@ typedef struct kfac_job {
         uint64_t seed;
         int threads;                /* compute threads (0: all cores) */
         char device[KFAC_JOB_STR];  /* cpu | cuda */
+        char precision[KFAC_JOB_STR]; /* f32 | bf16 | f16: activation storage */
         float label_smoothing;
         int max_steps;              /* stop after this many steps in total (0: no limit) */
         int precise_bn_images;      /* >0: recompute BN statistics over this many training

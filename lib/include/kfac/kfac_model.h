@@ -12,7 +12,9 @@
  * After finalize nothing allocates: forward, loss and backward only use
  * memory sized for max_batch at finalize.
  *
- * All layers are in NHWC (see kfac_backend.h).  Conv and FC weights are
+ * All layers are in NHWC (see kfac_backend.h).  Activations are stored in
+ * the backend's act_dtype at the time of kfac_model_init (set the
+ * precision first); parameters and gradients are float32.  Conv and FC weights are
  * Kaiming-normal (fan_out, ReLU gain, as torchvision's ResNet); FC layers
  * use PyTorch's default uniform(+-1/sqrt(fan_in)); BN gamma 1, beta 0.
  */
@@ -76,9 +78,17 @@ kfac_status kfac_model_zero_init_gamma(kfac_model *m, int bn_out);
 
 kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed);
 
-/* The input buffer (max_batch x H x W x C floats, backend memory). */
+/* The input buffer (max_batch x H x W x C float32, backend memory; with a
+ * 16-bit precision each forward converts it into the first activation). */
 float *kfac_model_input(kfac_model *m);
-/* The logits buffer (max_batch x classes) and its size. */
+/* Points the model's input at another buffer of the same size (backend
+ * memory, owned by the caller), e.g. one of two buffers an input pipeline
+ * alternates so the next batch uploads while this one computes;
+ * kfac_model_input then returns it.  kfac_model_own_input gives back the
+ * buffer the model was built with. */
+void kfac_model_bind_input(kfac_model *m, float *input);
+float *kfac_model_own_input(kfac_model *m);
+/* The logits buffer (max_batch x classes, in act_dtype) and its size. */
 const float *kfac_model_logits(const kfac_model *m);
 int kfac_model_classes(const kfac_model *m);
 int kfac_model_max_batch(const kfac_model *m);
@@ -106,6 +116,11 @@ const kfac_param *kfac_model_param_tensor(const kfac_model *m, int i);
 /* BN running statistics, one flat array (mean and var of each BN). */
 float *kfac_model_buffers(kfac_model *m);
 size_t kfac_model_buffer_count(const kfac_model *m);
+
+/* Loss scale of fp16 training: kfac_model_loss (and _loss_sampled) write
+ * scale times the logits' gradient, so every gradient of the backward
+ * pass is scaled (default 1; see kfac_loss_scale.h). */
+void kfac_model_set_loss_scale(kfac_model *m, float scale);
 
 /* Multiply-adds of one forward pass per image (conv + FC). */
 double kfac_model_macs_per_image(const kfac_model *m);

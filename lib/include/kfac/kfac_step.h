@@ -3,7 +3,8 @@
  *   for each of this rank's micro-batches: load it (the caller's loader),
  *     forward, [sampled-Fisher pass], loss, backward with a hook that
  *     captures K-FAC factors and starts gradient buckets
- *   gradient all-reduce (kfac_gradsync) -> K-FAC reduce / invert /
+ *   gradient all-reduce (kfac_gradsync) -> [fp16: unscale, and skip the
+ *   step if the gradients overflowed] -> K-FAC reduce / invert /
  *   precondition / gather (kfac_precond, if any) -> momentum SGD.
  * Gradients end as the mean over ranks x micro_batches micro-batches.
  */
@@ -11,6 +12,7 @@
 #define KFAC_STEP_H
 
 #include "kfac/kfac_gradsync.h"
+#include "kfac/kfac_loss_scale.h"
 #include "kfac/kfac_optim.h"
 #include "kfac/kfac_precond.h"
 
@@ -27,6 +29,8 @@ typedef struct kfac_step {
     kfac_sgd *sgd;
     kfac_precond *kfac;   /* NULL: plain SGD */
     kfac_gradsync *sync;
+    kfac_loss_scale *loss_scale; /* fp16 training; NULL: none.  Not with kfac: its
+                                    factors would hold the scaled gradients */
     int rank, ranks;      /* of the communicator sync and kfac use */
     int micro_batches;    /* per rank */
     float label_smoothing;

@@ -45,6 +45,10 @@ typedef struct kfac_epoch_metrics {
     /* K-FAC only, this epoch: mean KL-clip scale and the fraction of steps clipped */
     double kl_scale_mean, kl_clipped_fraction;
     int steps_in_epoch;
+    /* train.precision f16 only: the loss scale at the end of the epoch and
+     * the steps skipped for overflow so far (cumulative) */
+    double loss_scale;
+    long skipped_steps;
     /* bytes sent per training step, summed over ranks, per stage and link */
     double bytes_per_step[KFAC_STAGE_COUNT][KFAC_LINK_COUNT];
 } kfac_epoch_metrics;
