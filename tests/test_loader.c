@@ -361,7 +361,7 @@ static void test_feed(void)
     CHECK_OK(kfac_model_finalize(m, 1));
     kfac_loader_config lc = {.first = 0, .count = LBATCH, .piece = LPIECE, .depth = 2};
     CHECK_OK(kfac_loader_init(&l, b, &lc));
-    CHECK_OK(kfac__feed_init(&f, m, l));
+    CHECK_OK(kfac__feed_init(&f, m, l, LPIECE));
     if (!f) return;
     CHECK_OK(kfac__feed_start(f, (kfac_loader_cursor){0, 0}));
     int seen[LN] = {0}, bad_order = 0, bad_image = 0, same_buffer = 0;
@@ -403,8 +403,9 @@ static void test_feed(void)
               !memcmp(kfac_model_input(m), q.images, bytes),
           "feed: epoch 1 starts with the fresh loader's first piece");
     kfac_loader_free(fresh);
-    kfac__feed_free(f);
+    CHECK_OK(kfac__feed_stop(f));
     CHECK(kfac_model_input(m) == kfac_model_own_input(m), "feed: the model gets its input back");
+    kfac__feed_free(f);
     kfac_loader_free(l);
     kfac_model_free(m);
     kfac_backend_free(be);

@@ -17,7 +17,7 @@ struct kfac_feed {
     int max_images;
 };
 
-kfac_status kfac__feed_init(kfac_feed **out, kfac_model *m, kfac_loader *loader)
+kfac_status kfac__feed_init(kfac_feed **out, kfac_model *m, kfac_loader *loader, int piece)
 {
     *out = NULL;
     kfac_feed *f = calloc(1, sizeof *f);
@@ -27,7 +27,12 @@ kfac_status kfac__feed_init(kfac_feed **out, kfac_model *m, kfac_loader *loader)
     f->model = m;
     f->be = kfac_model_backend(m);
     f->loader = loader;
-    f->max_images = kfac_model_max_batch(m);
+    if (piece < 1 || piece > kfac_model_max_batch(m)) {
+        free(f);
+        return KFAC_ERR(KFAC_EINVAL, "feed: pieces of %d images, the model takes 1 to %d", piece,
+                        kfac_model_max_batch(m));
+    }
+    f->max_images = piece;
     f->image_bytes = (size_t)h * w * c * sizeof(float);
     f->input[0] = kfac_model_own_input(m);
     f->labels[0] = malloc((size_t)f->max_images * sizeof(int32_t));
@@ -49,8 +54,7 @@ void kfac__feed_free(kfac_feed *f)
 {
     if (!f) return;
     if (f->input[1]) {
-        f->be->upload_wait(f->be); /* no copy may land in a released buffer */
-        kfac_model_bind_input(f->model, f->input[0]);
+        kfac__feed_stop(f); /* no copy may land in a released buffer */
         f->be->release(f->be, f->input[1]);
     }
     free(f->labels[0]);
@@ -65,6 +69,13 @@ kfac_status kfac__feed_start(kfac_feed *f, kfac_loader_cursor cursor)
     return kfac_loader_start(f->loader, cursor);
 }
 
+kfac_status kfac__feed_stop(kfac_feed *f)
+{
+    f->has_staged = 0;
+    kfac_model_bind_input(f->model, f->input[0]);
+    return f->be->upload_wait(f->be);
+}
+
 /* Takes the next piece from the loader and queues its upload into
  * buffer pair `next`. */
 static kfac_status stage(kfac_feed *f)
@@ -75,7 +86,7 @@ static kfac_status stage(kfac_feed *f)
     KFAC_TRY(f->be->upload_wait(f->be));
     KFAC_TRY(kfac_loader_next(f->loader, &p));
     if (p.n < 0 || p.n > f->max_images)
-        return KFAC_ERR(KFAC_EINVAL, "feed: a piece of %d images, the model takes %d", p.n,
+        return KFAC_ERR(KFAC_EINVAL, "feed: a piece of %d images, the feed takes %d", p.n,
                         f->max_images);
     memcpy(f->labels[f->next], p.labels, (size_t)p.n * sizeof(int32_t));
     if (p.n > 0)

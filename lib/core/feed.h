@@ -15,12 +15,17 @@
 
 typedef struct kfac_feed kfac_feed;
 
-/* A feed into model m (its input buffer and one more of the same size). */
-kfac_status kfac__feed_init(kfac_feed **out, kfac_model *m, kfac_loader *loader);
+/* A feed of the loader's pieces of up to `piece` images into model m
+ * (its own input buffer and one more of `piece` images). */
+kfac_status kfac__feed_init(kfac_feed **out, kfac_model *m, kfac_loader *loader, int piece);
 
 /* Drops any staged piece, waits for copies in flight, and starts the
  * loader at `cursor`. */
 kfac_status kfac__feed_start(kfac_feed *f, kfac_loader_cursor cursor);
+
+/* Waits for copies in flight and gives the model back its own input
+ * buffer (before other users of the model's input: evaluation). */
+kfac_status kfac__feed_stop(kfac_feed *f);
 
 /* Binds the next piece to the model's input and describes it in *piece
  * (images NULL: they are in the model; labels owned by the feed, valid

@@ -44,7 +44,8 @@ typedef struct trainer {
     kfac_comm_bytes bytes_before;   /* counters at the start of the epoch */
     kfac_lr_schedule schedule;
     int32_t *labels;
-    float *host_images; /* batch staging when the backend is not the host */
+    float *host_images; /* evaluation batches on their way to the backend */
+    int host_images_pinned; /* from the backend's host_alloc (else malloc) */
     float *bn_saved;    /* BN running statistics kept aside during precise BN */
     FILE *metrics;
 } trainer;
@@ -238,7 +239,10 @@ static kfac_status build_model(trainer *t)
     KFAC_TRY(kfac_step_gradsync(t->model, t->kfac, t->world, &gc, &t->sync));
     t->labels = malloc((size_t)max_batch * sizeof(int32_t));
     size_t image = kfac_batcher_image_floats(t->train_batches);
-    t->host_images = malloc((size_t)max_batch * image * sizeof(float));
+    size_t bytes = (size_t)max_batch * image * sizeof(float);
+    if (t->be->host_alloc) t->host_images = t->be->host_alloc(t->be, bytes);
+    t->host_images_pinned = t->host_images != NULL;
+    if (!t->host_images) t->host_images = malloc(bytes); /* pinning is an optimisation */
     t->bn_saved = malloc((kfac_model_buffer_count(t->model) + 1) * sizeof(float));
     if (!t->labels || !t->host_images || !t->bn_saved)
         return KFAC_ERR(KFAC_ENOMEM, "trainer: out of memory");
@@ -448,6 +452,7 @@ static kfac_status train_epoch(trainer *t, int epoch, long *step, kfac_epoch_met
             cb->on_progress(epoch + 1, i + 1, steps, (loss_sum - before) / (seen - seen_before),
                             cb->user);
     }
+    KFAC_TRY(kfac__feed_stop(t->feed));
     double train_seconds = kfac__now_seconds() - t0;
     em->loader_wait_s = kfac_loader_take_wait(t->train_loader);
     em->steps_in_epoch = (int)(*step - em->step);
@@ -563,7 +568,7 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
     KFAC_TRY(schedule_from_job(job, &t->schedule));
     KFAC_TRY(open_data(t));
     KFAC_TRY(build_model(t));
-    KFAC_TRY(kfac__feed_init(&t->feed, t->model, t->train_loader));
+    KFAC_TRY(kfac__feed_init(&t->feed, t->model, t->train_loader, t->micro_size));
     KFAC_TRY(broadcast_model(t));
     if (lead) {
         KFAC_TRY(kfac__make_dirs(job->output.dir));
@@ -651,7 +656,10 @@ kfac_status kfac_train_run(const kfac_job *job, kfac_comm *world, const kfac_tra
     }
     if (t.metrics) fclose(t.metrics);
     free(t.labels);
-    free(t.host_images);
+    if (t.host_images_pinned)
+        t.be->host_release(t.be, t.host_images);
+    else
+        free(t.host_images);
     free(t.bn_saved);
     kfac_gradsync_free(t.sync);
     kfac__feed_free(t.feed);
