@@ -6,8 +6,11 @@
  * warps read 32 consecutive channels of a row (coalesced) and write one
  * partial sum per channel; level 2 adds the partials of each channel in a
  * fixed order, so results are deterministic.  A third kernel applies the
- * per-channel affine map.  Scratch: the partials (doubles), then 3*c floats
- * of per-channel coefficients.
+ * per-channel affine map; it is bandwidth-bound, so it avoids per-element
+ * divisions and takes 16 bytes per thread where shapes and alignment allow.
+ * Scratch: the partials (doubles), then 3*c floats of per-channel
+ * coefficients (16-byte aligned as the scratch: the partials take a
+ * multiple of 16 bytes).
  *
  * x, y, dy and dx are T (float, bf16 or fp16), loaded as float; gamma,
  * beta, the saved and running statistics and dgamma/dbeta are float. */
@@ -108,30 +111,52 @@ static __global__ void bn_fwd_finalize_kernel(size_t m, int c, unsigned row_bloc
     }
 }
 
-template <typename T>
-static __global__ void bn_apply_kernel(size_t total, int c, const T *x, const float *coef, T *y,
+/* The per-element kernels (apply, eval, backward apply) take W, the
+ * channels per thread and access: 1, or KFAC_K_VEC(T) (16 bytes of
+ * activations, one 128-bit access per array, and 128-bit loads of the
+ * float per-channel values) when c % W == 0 and every pointer is 16-byte
+ * aligned (bn_vec_ok).  A group of W values then lies in one row, at
+ * channels col * W + k, where col is the group's column among c / W; the
+ * loop tracks col without a division.  Same per-value arithmetic for both
+ * W, so both give identical results. */
+
+template <typename T, int W>
+static __global__ void bn_apply_kernel(size_t groups, int c, const T *x, const float *coef, T *y,
                                        int relu)
 {
-    KFAC_K_GRID_LOOP(i, total)
+    KFAC_K_GRID_LOOP_COL(p, groups, (unsigned)c / W)
     {
-        int j = (int)(i % (size_t)c);
-        float v = kfac_k_f32(x[i]) * coef[j] + coef[c + j];
-        kfac_k_store(&y[i], relu ? fmaxf(v, 0.0f) : v);
+        kfac_k_vec<T, W> xv = kfac_k_load<W>(x, p.i), r;
+        kfac_k_vec<float, W> scale = kfac_k_load<W>(coef, p.col);
+        kfac_k_vec<float, W> shift = kfac_k_load<W>(coef + c, p.col);
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            float v = kfac_k_f32(xv.v[k]) * scale.v[k] + shift.v[k];
+            kfac_k_store(&r.v[k], relu ? fmaxf(v, 0.0f) : v);
+        }
+        kfac_k_store_vec(y, p.i, r);
     }
 }
 
-template <typename T>
-static __global__ void bn_eval_kernel(size_t total, int c, const T *x, const float *gamma,
+template <typename T, int W>
+static __global__ void bn_eval_kernel(size_t groups, int c, const T *x, const float *gamma,
                                       const float *beta, const float *run_mean,
                                       const float *run_var, float eps, T *y, int relu)
 {
-    KFAC_K_GRID_LOOP(i, total)
+    KFAC_K_GRID_LOOP_COL(p, groups, (unsigned)c / W)
     {
-        int j = (int)(i % (size_t)c);
-        float scale = gamma[j] / sqrtf(run_var[j] + eps);
-        float shift = beta[j] - run_mean[j] * scale;
-        float v = kfac_k_f32(x[i]) * scale + shift;
-        kfac_k_store(&y[i], relu ? fmaxf(v, 0.0f) : v);
+        kfac_k_vec<T, W> xv = kfac_k_load<W>(x, p.i), r;
+        kfac_k_vec<float, W> g = kfac_k_load<W>(gamma, p.col), b = kfac_k_load<W>(beta, p.col);
+        kfac_k_vec<float, W> mean = kfac_k_load<W>(run_mean, p.col);
+        kfac_k_vec<float, W> var = kfac_k_load<W>(run_var, p.col);
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            float scale = g.v[k] / sqrtf(var.v[k] + eps);
+            float shift = b.v[k] - mean.v[k] * scale;
+            float v = kfac_k_f32(xv.v[k]) * scale + shift;
+            kfac_k_store(&r.v[k], relu ? fmaxf(v, 0.0f) : v);
+        }
+        kfac_k_store_vec(y, p.i, r);
     }
 }
 
@@ -183,18 +208,48 @@ static __global__ void bn_bwd_finalize_kernel(size_t m, int c, unsigned row_bloc
     }
 }
 
-template <typename T>
-static __global__ void bn_bwd_apply_kernel(size_t total, int c, const T *x, const T *y,
+/* y is read only under the fused ReLU, dx only when accumulating; every
+ * input of a group is read before its dx is written (in-place safe). */
+template <typename T, int W>
+static __global__ void bn_bwd_apply_kernel(size_t groups, int c, const T *x, const T *y,
                                            const T *dy, const float *coef, T *dx, int accumulate,
                                            int relu)
 {
-    KFAC_K_GRID_LOOP(i, total)
+    KFAC_K_GRID_LOOP_COL(p, groups, (unsigned)c / W)
     {
-        int j = (int)(i % (size_t)c);
-        float g = (relu && kfac_k_f32(y[i]) <= 0.0f) ? 0.0f : kfac_k_f32(dy[i]);
-        float v = coef[j] * g + coef[c + j] + coef[2 * c + j] * kfac_k_f32(x[i]);
-        kfac_k_store(&dx[i], accumulate ? kfac_k_f32(dx[i]) + v : v);
+        kfac_k_vec<T, W> dv = kfac_k_load<W>(dy, p.i), xv = kfac_k_load<W>(x, p.i), r;
+        kfac_k_vec<float, W> k1 = kfac_k_load<W>(coef, p.col);
+        kfac_k_vec<float, W> k2 = kfac_k_load<W>(coef + c, p.col);
+        kfac_k_vec<float, W> k3 = kfac_k_load<W>(coef + 2 * (size_t)c, p.col);
+        float g[W], v[W];
+        if (relu) {
+            kfac_k_vec<T, W> yv = kfac_k_load<W>(y, p.i);
+#pragma unroll
+            for (int k = 0; k < W; k++)
+                g[k] = kfac_k_f32(yv.v[k]) <= 0.0f ? 0.0f : kfac_k_f32(dv.v[k]);
+        } else {
+#pragma unroll
+            for (int k = 0; k < W; k++) g[k] = kfac_k_f32(dv.v[k]);
+        }
+#pragma unroll
+        for (int k = 0; k < W; k++) v[k] = k1.v[k] * g[k] + k2.v[k] + k3.v[k] * kfac_k_f32(xv.v[k]);
+        if (accumulate) {
+            kfac_k_vec<T, W> old = kfac_k_load<W>(dx, p.i);
+#pragma unroll
+            for (int k = 0; k < W; k++) kfac_k_store(&r.v[k], kfac_k_f32(old.v[k]) + v[k]);
+        } else {
+#pragma unroll
+            for (int k = 0; k < W; k++) kfac_k_store(&r.v[k], v[k]);
+        }
+        kfac_k_store_vec(dx, p.i, r);
     }
+}
+
+/* Whether an (m x c) batch norm may take the vector path (see above). */
+template <typename T, typename... P>
+static bool bn_vec_ok(int c, const P *...p)
+{
+    return c % KFAC_K_VEC(T) == 0 && kfac_k_aligned16(p...);
 }
 
 /* The launchers' kernel sequences for one type T (arguments checked by them). */
@@ -214,8 +269,13 @@ static void bn_train_launch(size_t m, int c, const T *x, const float *gamma, con
         m, c, rb, partial, x, gamma, beta, save_mean, save_invstd, run_mean, run_var, momentum,
         eps, coef);
     size_t total = m * (size_t)c;
-    bn_apply_kernel<T><<<kfac_k_blocks(total), KFAC_K_THREADS, 0, stream>>>(total, c, x, coef,
-                                                                             y, relu);
+    constexpr int w = KFAC_K_VEC(T);
+    if (bn_vec_ok<T>(c, x, y, coef))
+        bn_apply_kernel<T, w><<<kfac_k_blocks(total / w), KFAC_K_THREADS, 0, stream>>>(
+            total / w, c, x, coef, y, relu);
+    else
+        bn_apply_kernel<T, 1><<<kfac_k_blocks(total), KFAC_K_THREADS, 0, stream>>>(
+            total, c, x, coef, y, relu);
 }
 
 template <typename T>
@@ -234,8 +294,13 @@ static void bn_backward_launch(size_t m, int c, const T *x, const T *y, const T 
     bn_bwd_finalize_kernel<<<kfac_k_blocks((size_t)c), KFAC_K_THREADS, 0, stream>>>(
         m, c, rb, partial, gamma, save_mean, save_invstd, dgamma, dbeta, coef);
     size_t total = m * (size_t)c;
-    bn_bwd_apply_kernel<T><<<kfac_k_blocks(total), KFAC_K_THREADS, 0, stream>>>(
-        total, c, x, y, dy, coef, dx, accumulate, relu);
+    constexpr int w = KFAC_K_VEC(T);
+    if (bn_vec_ok<T>(c, x, y, dy, dx, coef))
+        bn_bwd_apply_kernel<T, w><<<kfac_k_blocks(total / w), KFAC_K_THREADS, 0, stream>>>(
+            total / w, c, x, y, dy, coef, dx, accumulate, relu);
+    else
+        bn_bwd_apply_kernel<T, 1><<<kfac_k_blocks(total), KFAC_K_THREADS, 0, stream>>>(
+            total, c, x, y, dy, coef, dx, accumulate, relu);
 }
 
 extern "C" cudaError_t kfac_k_bn_forward_train(kfac_dtype t, size_t m, int c, const void *x,
@@ -260,10 +325,15 @@ extern "C" cudaError_t kfac_k_bn_forward_eval(kfac_dtype t, size_t m, int c, con
 {
     size_t total = m * (size_t)(c > 0 ? c : 0);
     if (total == 0) return cudaSuccess;
-    KFAC_K_DISPATCH(t, T,
-                    bn_eval_kernel<T><<<kfac_k_blocks(total), KFAC_K_THREADS, 0, stream>>>(
-                        total, c, (const T *)x, gamma, beta, run_mean, run_var, eps, (T *)y,
-                        relu));
+    KFAC_K_DISPATCH(t, T, {
+        constexpr int w = KFAC_K_VEC(T);
+        if (bn_vec_ok<T>(c, x, y, gamma, beta, run_mean, run_var))
+            bn_eval_kernel<T, w><<<kfac_k_blocks(total / w), KFAC_K_THREADS, 0, stream>>>(
+                total / w, c, (const T *)x, gamma, beta, run_mean, run_var, eps, (T *)y, relu);
+        else
+            bn_eval_kernel<T, 1><<<kfac_k_blocks(total), KFAC_K_THREADS, 0, stream>>>(
+                total, c, (const T *)x, gamma, beta, run_mean, run_var, eps, (T *)y, relu);
+    });
     return cudaGetLastError();
 }
 

@@ -1,11 +1,13 @@
 /* common.cuh - internal helpers shared by the kernel sources in kernels/:
- * launch geometry for grid-stride loops, and the activation storage types
+ * launch geometry for grid-stride loops, the activation storage types
  * (float, bf16, fp16): loads to float, rounded stores, and the dispatch
- * from a kfac_dtype to a template argument. */
+ * from a kfac_dtype to a template argument; 16-byte vector accesses for
+ * the bandwidth-bound kernels. */
 #ifndef KFAC_KERNELS_COMMON_CUH
 #define KFAC_KERNELS_COMMON_CUH
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -27,6 +29,63 @@ static inline unsigned kfac_k_blocks(size_t n)
 #define KFAC_K_GRID_LOOP(i, n)                                                      \
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);          \
          i += (size_t)blockDim.x * gridDim.x)
+
+/* A grid-stride loop over n items laid out in rows of `cols` (> 0)
+ * columns that also keeps p.col == p.i % cols: the column advances by
+ * (grid size) % cols with one wrap, because a 64-bit modulo per item
+ * costs dozens of instructions and made such kernels compute-bound. */
+struct kfac_k_col_loop {
+    size_t i, step;
+    unsigned col, col_step, cols;
+
+    __device__ explicit kfac_k_col_loop(unsigned n_cols)
+        : i((size_t)blockIdx.x * blockDim.x + threadIdx.x),
+          step((size_t)blockDim.x * gridDim.x),
+          col((unsigned)(i % n_cols)),
+          col_step((unsigned)(step % n_cols)),
+          cols(n_cols)
+    {
+    }
+    __device__ void next()
+    {
+        i += step;
+        col += col_step; /* < 2 * cols < 2^32 */
+        if (col >= cols) col -= cols;
+    }
+};
+#define KFAC_K_GRID_LOOP_COL(p, n, cols) for (kfac_k_col_loop p(cols); p.i < (n); p.next())
+
+/* N consecutive values of T, aligned to their size up to 16 bytes: a copy
+ * of one compiles to 128-bit loads/stores (one per 16 bytes) when
+ * N * sizeof(T) >= 16, and to a plain scalar access when N == 1, so one
+ * kernel template serves both paths with the same arithmetic. */
+template <typename T, int N>
+struct alignas(N * sizeof(T) < 16 ? N * sizeof(T) : 16) kfac_k_vec {
+    T v[N];
+};
+
+/* Values of T per 16 bytes: 4 floats, 8 bf16 or fp16. */
+#define KFAC_K_VEC(T) ((int)(16 / sizeof(T)))
+
+/* Item i of the array p viewed as groups of N values. */
+template <int N, typename T>
+__device__ __forceinline__ kfac_k_vec<T, N> kfac_k_load(const T *p, size_t i)
+{
+    return reinterpret_cast<const kfac_k_vec<T, N> *>(p)[i];
+}
+template <int N, typename T>
+__device__ __forceinline__ void kfac_k_store_vec(T *p, size_t i, const kfac_k_vec<T, N> &v)
+{
+    reinterpret_cast<kfac_k_vec<T, N> *>(p)[i] = v;
+}
+
+/* Host side: whether every pointer is 16-byte aligned (the vector paths
+ * need it; buffers are, but callers may pass offsets into them). */
+template <typename... P>
+static inline bool kfac_k_aligned16(const P *...p)
+{
+    return ((((uintptr_t)p & 15u) == 0) && ...);
+}
 
 /* An activation value as float (exact for all three types). */
 __device__ __forceinline__ float kfac_k_f32(float v) { return v; }

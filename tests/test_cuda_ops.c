@@ -179,6 +179,15 @@ static float *act(float *h, size_t n)
     return d;
 }
 
+/* The same with the n activations starting `off` values into a buffer of
+ * n + off: off = 1 misaligns them (for the kernels' scalar paths). */
+static float *act_off(float *h, size_t n, size_t off)
+{
+    float *d = (float *)((char *)act(NULL, n + off) + off * kfac_dtype_size(prec()));
+    if (h) act_set(d, h, n);
+    return d;
+}
+
 /* Compares n downloaded floats with the CPU's ref. */
 static void compare_host(const char *what, const float *got, const float *ref, size_t n,
                          double tol)
@@ -214,47 +223,56 @@ static void compare_act(const char *what, const float *d, const float *ref, size
 
 /* ---- element-wise ---- */
 
-static void test_eltwise(void)
+/* n values; the activations start `off` values into their buffers.  The
+ * activation kernels take 16 bytes per thread when n is a multiple of 8
+ * (of 4 for float32) and every pointer is 16-byte aligned, else one value
+ * per thread: test_eltwises runs both. */
+static void test_eltwise(size_t n, size_t off)
 {
-    const size_t n = 1000003; /* odd, several grid-stride rounds on small GPUs */
-    char what[96];
+    char what[96], tag[48];
+    if (off)
+        snprintf(tag, sizeof tag, "n=%zu off=%zu", n, off);
+    else
+        snprintf(tag, sizeof tag, "n=%zu", n);
 
     float *hx = rnd(n, 1.0, 0.0);
     float *dx_ = dev(NULL, n);
     REQUIRE_OK(cpu->fill(cpu, hx, 0.375f, n));
     REQUIRE_OK(gpu->fill(gpu, dx_, 0.375f, n));
-    compare("fill", dx_, hx, n, TOL_ELT); /* TOL_ELT: exact expected (float32 op) */
+    snprintf(what, sizeof what, "fill %s", tag);
+    compare(what, dx_, hx, n, TOL_ELT); /* TOL_ELT: exact expected (float32 op) */
     free(hx);
 
     float *x = rnd(n, 1.0, 0.0), *dy = rnd(n, 1.0, 0.0), *y = malloc(n * sizeof *y);
-    float *d_x = act(x, n), *d_dy = act(dy, n), *d_y = act(NULL, n);
+    float *d_x = act_off(x, n, off), *d_dy = act_off(dy, n, off), *d_y = act_off(NULL, n, off);
     REQUIRE_OK(cpu->relu_forward(cpu, n, x, y));
     REQUIRE_OK(gpu->relu_forward(gpu, n, d_x, d_y));
-    compare_act("relu_forward", d_y, y, n, TOL(ELT)); /* TOL_ELT*: exact expected */
+    snprintf(what, sizeof what, "relu_forward %s", tag);
+    compare_act(what, d_y, y, n, TOL(ELT)); /* TOL_ELT*: exact expected */
     for (int acc = 0; acc <= 1; acc++) {
-        float *g = rnd(n, 1.0, 0.0), *d_g = act(g, n);
+        float *g = rnd(n, 1.0, 0.0), *d_g = act_off(g, n, off);
         REQUIRE_OK(cpu->relu_backward(cpu, n, y, dy, g, acc));
         REQUIRE_OK(gpu->relu_backward(gpu, n, d_y, d_dy, d_g, acc));
-        snprintf(what, sizeof what, "relu_backward acc=%d", acc);
+        snprintf(what, sizeof what, "relu_backward acc=%d %s", acc, tag);
         compare_act(what, d_g, g, n, TOL(ELT)); /* TOL_ELT* */
         free(g);
     }
 
-    float *b = rnd(n, 1.0, 0.0), *d_b = act(b, n);
+    float *b = rnd(n, 1.0, 0.0), *d_b = act_off(b, n, off);
     for (int relu = 0; relu <= 1; relu++) {
         REQUIRE_OK(cpu->add_forward(cpu, n, x, b, y, relu));
         REQUIRE_OK(gpu->add_forward(gpu, n, d_x, d_b, d_y, relu));
-        snprintf(what, sizeof what, "add_forward relu=%d", relu);
+        snprintf(what, sizeof what, "add_forward relu=%d %s", relu, tag);
         compare_act(what, d_y, y, n, TOL(ELT)); /* TOL_ELT* */
         act_set(d_y, y, n); /* same mask on both */
         for (int acc = 0; acc <= 1; acc++) {
             float *ga = rnd(n, 1.0, 0.0), *gb = rnd(n, 1.0, 0.0);
-            float *d_ga = act(ga, n), *d_gb = act(gb, n);
+            float *d_ga = act_off(ga, n, off), *d_gb = act_off(gb, n, off);
             REQUIRE_OK(cpu->add_backward(cpu, n, y, dy, ga, acc, gb, !acc, relu));
             REQUIRE_OK(gpu->add_backward(gpu, n, d_y, d_dy, d_ga, acc, d_gb, !acc, relu));
-            snprintf(what, sizeof what, "add_backward relu=%d da (acc=%d)", relu, acc);
+            snprintf(what, sizeof what, "add_backward relu=%d da (acc=%d) %s", relu, acc, tag);
             compare_act(what, d_ga, ga, n, TOL(ELT)); /* TOL_ELT* */
-            snprintf(what, sizeof what, "add_backward relu=%d db (acc=%d)", relu, !acc);
+            snprintf(what, sizeof what, "add_backward relu=%d db (acc=%d) %s", relu, !acc, tag);
             compare_act(what, d_gb, gb, n, TOL(ELT)); /* TOL_ELT* */
             free(ga);
             free(gb);
@@ -269,9 +287,9 @@ static void test_eltwise(void)
             REQUIRE_OK(cpu->sgd_update(cpu, n, p, dy, v, 0.1f, 0.9f, 5e-4f, nesterov));
             REQUIRE_OK(gpu->sgd_update(gpu, n, d_p, d_g32, d_v, 0.1f, 0.9f, 5e-4f, nesterov));
         }
-        snprintf(what, sizeof what, "sgd_update nesterov=%d p (3 steps)", nesterov);
+        snprintf(what, sizeof what, "sgd_update nesterov=%d p (3 steps) %s", nesterov, tag);
         compare(what, d_p, p, n, TOL_ELT); /* TOL_ELT (float32 op) */
-        snprintf(what, sizeof what, "sgd_update nesterov=%d v (3 steps)", nesterov);
+        snprintf(what, sizeof what, "sgd_update nesterov=%d v (3 steps) %s", nesterov, tag);
         compare(what, d_v, v, n, TOL_ELT); /* TOL_ELT (float32 op) */
         free(p);
         free(v);
@@ -280,6 +298,13 @@ static void test_eltwise(void)
     free(dy);
     free(y);
     free(b);
+}
+
+static void test_eltwises(void)
+{
+    test_eltwise(1000003, 0); /* odd: scalar path; several grid-stride rounds on small GPUs */
+    test_eltwise((size_t)1 << 20, 0); /* vector path */
+    test_eltwise((size_t)1 << 20, 1); /* misaligned by one value: scalar path */
 }
 
 /* ---- batch norm ---- */
@@ -351,12 +376,19 @@ static void test_bn_shape(size_t m, int c, int relu)
     free(sinv); free(ye); free(dy); free(dg); free(db);
 }
 
+/* The per-element kernels take 16 bytes per thread when c is a multiple of
+ * 8 (of 4 for float32), else one value: 64, 24 and 256 channels take the
+ * vector path in every pass, 12 in the float32 pass only, 5, 19 and 130
+ * never. */
 static void test_bn(void)
 {
     test_bn_shape(3, 5, 0);
     test_bn_shape(256, 64, 1);        /* 4x8x8 images, 64 channels */
     test_bn_shape(20000, 19, 0);      /* many row blocks, a partial channel tile */
     test_bn_shape(8 * 14 * 14, 130, 1);
+    test_bn_shape(1000, 24, 0);
+    test_bn_shape(999, 12, 1);
+    test_bn_shape(16 * 28 * 28, 256, 1); /* a ResNet-50 stage-2 shape, several grid rounds */
 }
 
 /* ---- pooling ---- */
@@ -598,10 +630,9 @@ static void test_convs(void)
 /* Every type to every type, through device buffers: f32 -> s -> t -> f32
  * must give round_to(t, round_to(s, x)) exactly (one rounding per
  * narrowing; widening is exact), and f32 -> bf16 the host's RNE bits. */
-static void test_conversions(void)
+static void test_conversions(size_t n)
 {
     static const kfac_dtype types[3] = {KFAC_F32, KFAC_BF16, KFAC_F16};
-    const size_t n = 100003;
     char what[96];
     /* |x| from 1e-6 to 1e4: fp16 subnormals (below 6.1e-5) to large fp16
      * normals (the largest is 65504); random signs. */
@@ -726,7 +757,7 @@ static void test_upload_async(void)
 
 static void run_pass(void)
 {
-    test_eltwise();
+    test_eltwises();
     test_bn();
     test_maxpool(2, 9, 9, 5, 3, 2, 1);   /* ResNet stem pooling: overlapping windows */
     test_maxpool(3, 8, 8, 16, 2, 2, 0);
@@ -739,7 +770,8 @@ static void run_pass(void)
     test_convs();
     test_scale_grads();
     if (prec() == KFAC_F32) {
-        test_conversions();
+        test_conversions(100003);          /* odd: one value per thread */
+        test_conversions((size_t)1 << 17); /* 16 bytes of the narrower type per thread */
         test_upload_async();
     }
     /* Convolutions are planned: the precision is fixed now. */

@@ -409,6 +409,8 @@ static kfac_status cudnn_setup(kfac_cuda *cu)
     KFAC_CUDNN_CHECK(cudnnSetStream(cu->cudnn, cu->stream));
     const char *tf32 = getenv("KFAC_CUDNN_TF32");
     cu->allow_tf32 = tf32 && strcmp(tf32, "1") == 0;
+    const char *det = getenv("KFAC_CUDNN_DETERMINISTIC");
+    cu->deterministic = !(det && strcmp(det, "0") == 0);
     return KFAC_OK;
 }
 

@@ -29,7 +29,8 @@
  *  - backward data and filter first look among the algorithms cuDNN marks
  *    CUDNN_DETERMINISTIC (the others sum with atomics, so gradients would
  *    change from run to run); only when none fits is the best
- *    nondeterministic one taken.  Forward algorithms are deterministic.
+ *    nondeterministic one taken (KFAC_CUDNN_DETERMINISTIC=0: the
+ *    best-ranked, whichever).  Forward algorithms are deterministic.
  *  - float32: math CUDNN_FMA_MATH unless KFAC_CUDNN_TF32 is set
  *    (cu->allow_tf32): CUDNN_DEFAULT_MATH *permits* TF32 tensor cores for
  *    fp32 data on Ampere and later, so plain fp32 has to be asked for.
@@ -334,7 +335,8 @@ static kfac_status pick(kfac_cuda *cu, conv_plan *p, int dir, size_t cap, cudnnM
                         const candidate *cand, int n, int *found)
 {
     *found = 0;
-    for (int pass = dir == FWD ? 1 : 0; pass < 2; pass++) { /* 0: deterministic only */
+    for (int pass = dir == FWD || !cu->deterministic ? 1 : 0; pass < 2; pass++) {
+        /* pass 0: deterministic only */
         for (int i = 0; i < n; i++) {
             if (cand[i].status != CUDNN_STATUS_SUCCESS) continue;
             if (pass == 0 && cand[i].determinism != CUDNN_DETERMINISTIC) continue;

@@ -8,7 +8,11 @@
  *   KFAC_CUDNN_TF32=1  lets cuDNN convolutions use TF32 tensor cores (10-bit
  *                      mantissa products, ~1e-3 relative error, several
  *                      times faster).  Default off: convolutions are plain
- *                      fp32 FMA, so they match the CPU backend to ~1e-6. */
+ *                      fp32 FMA, so they match the CPU backend to ~1e-6.
+ *   KFAC_CUDNN_DETERMINISTIC=0  takes cuDNN's best-ranked backward
+ *                      algorithms even where they sum with atomics
+ *                      (gradients then vary in the last bits from run to
+ *                      run, as PyTorch's default).  Default 1. */
 #ifndef KFAC_CUDA_BACKEND_H
 #define KFAC_CUDA_BACKEND_H
 
@@ -35,6 +39,7 @@ typedef struct kfac_cuda {
     cublasHandle_t cublas;
     cudnnHandle_t cudnn;
     int allow_tf32;                  /* KFAC_CUDNN_TF32: see above */
+    int deterministic;               /* KFAC_CUDNN_DETERMINISTIC: see above */
     kfac_dtype act_dtype;            /* = the backend's act_dtype (set_precision sets both) */
     struct kfac_conv_cache *convs;   /* conv_cudnn.c: one plan per geometry */
     void *scratch;                   /* batch-norm and loss scratch, grown on demand */

@@ -16,7 +16,8 @@
  * with cuDNN workspace, parameters, gradients, momentum, scratch; not the
  * CUDA context or library handles, as torch.cuda.max_memory_allocated).
  * --precision bf16|f16 (cuda) stores activations in 16 bits (train.precision;
- * f16 with dynamic loss scaling), reported as _cuda_bf16 / _cuda_f16.
+ * f16 with dynamic loss scaling), reported as _cuda_bf16 / _cuda_f16;
+ * under KFAC_CUDNN_DETERMINISTIC=0 the names end in _nondet.
  * Every timed step ends with a wait for the device, so the time covers
  * finished GPU work. */
 #include <stdio.h>
@@ -78,10 +79,12 @@ static void print_cuda(const kfac_backend *be, const char *mode, const char *mod
     const char *precision = be->act_dtype != KFAC_F32     ? kfac_dtype_name(be->act_dtype)
                             : tf32 && !strcmp(tf32, "1") ? "tf32"
                                                           : "fp32";
+    const char *det = getenv("KFAC_CUDNN_DETERMINISTIC");
     double peak = be->peak_bytes ? be->peak_bytes(be) / 1048576.0 : -1;
-    printf("{\"name\": \"kfac_%s_%s_b%d_cuda_%s\", \"value\": %.1f, \"unit\": \"images/s\", "
+    printf("{\"name\": \"kfac_%s_%s_b%d_cuda_%s%s\", \"value\": %.1f, \"unit\": \"images/s\", "
            "\"step_ms\": %.2f, \"gflops\": %.1f, \"peak_gpu_mib\": %.1f}\n",
-           mode, model, batch, precision, ips, 1e3 * batch / ips,
+           mode, model, batch, precision, det && !strcmp(det, "0") ? "_nondet" : "", ips,
+           1e3 * batch / ips,
            gflops, peak);
 }
 
