@@ -46,6 +46,13 @@ static void on_start(const char *summary, void *user)
     fflush(stdout);
 }
 
+static void on_notice(const char *message, void *user)
+{
+    if (live_terminal) printf("\r\033[K");
+    fflush(stdout);
+    fprintf(stderr, "kfac train: %s\n", message);
+}
+
 static void on_progress(int epoch, int step, int steps, double loss, void *user)
 {
     /* On a terminal, redraw one line; in a log, print nothing within epochs. */
@@ -149,6 +156,7 @@ int kfac_cmd_train(int argc, char **argv)
         .on_progress = quiet ? NULL : on_progress,
         .progress_every = 1,
         .on_epoch = on_epoch,
+        .on_notice = on_notice,
     };
     kfac_topo *topo;
     if (kfac_topo_init(&topo, 0) != KFAC_OK) {

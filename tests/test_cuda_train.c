@@ -14,6 +14,10 @@
  *   cuda f16: 11 bits (2^-12): parameters 5e-3, losses 1e-2, accuracy 3%;
  *     with loss scaling from 2^16 no step of so small a model may overflow
  *     (skipped_steps 0), or the parameters could not be compared.
+ * The f32 and bf16 runs replay their passes from CUDA graphs (the default;
+ * graph_passes must count them); a bf16 run with train.cuda_graphs false
+ * must give bit for bit the same parameters as the bf16 run with graphs
+ * (the same kernels on the same data, deterministic algorithms).
  *
  * The images are synthetic (a class-dependent stripe pattern plus noise,
  * written as IDX files), so the test needs no dataset on the GPU machine.
@@ -30,14 +34,17 @@ enum { TRAIN = 384, TEST = 200, SIDE = 28, CLASSES = 10 };
 
 typedef struct config {
     const char *device, *precision;
+    int graphs;               /* train.cuda_graphs */
     double params, loss, acc; /* tolerances, see above */
 } config;
 
+enum { BF16_GRAPHS = 2, BF16_EAGER = 4 };
 static const config configs[] = {
-    {"cpu", "f32", 0, 0, 0},
-    {"cuda", "f32", 1e-3, 1e-3, 0.01},
-    {"cuda", "bf16", 2e-2, 3e-2, 0.05},
-    {"cuda", "f16", 5e-3, 1e-2, 0.03},
+    {"cpu", "f32", 1, 0, 0, 0},
+    {"cuda", "f32", 1, 1e-3, 1e-3, 0.01},
+    {"cuda", "bf16", 1, 2e-2, 3e-2, 0.05},
+    {"cuda", "f16", 1, 5e-3, 1e-2, 0.03},
+    {"cuda", "bf16", 0, 2e-2, 3e-2, 0.05},
 };
 enum { CONFIGS = sizeof configs / sizeof configs[0] };
 
@@ -84,7 +91,7 @@ static void write_split(const char *dir, const char *prefix, int count, unsigned
 
 static kfac_status train_on(const char *dir, const config *cfg, kfac_epoch_metrics *em)
 {
-    char path[512], out[600], sets[5][700];
+    char path[512], out[600], sets[6][700];
     snprintf(path, sizeof path, "%s/job.yaml", dir);
     FILE *f = fopen(path, "w");
     fprintf(f, "model: {name: resnet8-fmnist}\n"
@@ -92,15 +99,16 @@ static kfac_status train_on(const char *dir, const config *cfg, kfac_epoch_metri
                "train: {epochs: 1, batch_size: 32, eval_batch_size: 100, max_steps: 12,\n"
                "        threads: 2, seed: 5}\n");
     fclose(f);
-    snprintf(out, sizeof out, "%s/out-%s-%s", dir, cfg->device, cfg->precision);
+    snprintf(out, sizeof out, "%s/out-%s-%s-%d", dir, cfg->device, cfg->precision, cfg->graphs);
     snprintf(sets[0], sizeof sets[0], "data.path=%s", dir);
     snprintf(sets[1], sizeof sets[1], "output.dir=%s", out);
     snprintf(sets[2], sizeof sets[2], "train.device=%s", cfg->device);
     snprintf(sets[3], sizeof sets[3], "data.prefetch=2");
     snprintf(sets[4], sizeof sets[4], "train.precision=%s", cfg->precision);
-    const char *argv[5] = {sets[0], sets[1], sets[2], sets[3], sets[4]};
+    snprintf(sets[5], sizeof sets[5], "train.cuda_graphs=%s", cfg->graphs ? "true" : "false");
+    const char *argv[6] = {sets[0], sets[1], sets[2], sets[3], sets[4], sets[5]};
     kfac_job job;
-    KFAC_TRY(kfac_job_load(&job, path, 5, argv));
+    KFAC_TRY(kfac_job_load(&job, path, 6, argv));
     kfac_train_callbacks cb = {.on_finish = on_finish};
     return kfac_train_run(&job, NULL, &cb, em);
 }
@@ -142,9 +150,13 @@ int main(void)
             if (!(d <= max_d)) max_d = d; /* NaN too */
             if (fabs(params[0][i]) > max_p) max_p = fabs(params[0][i]);
         }
-        printf("cuda %s: train loss %.6f test loss %.6f acc %.4f (%.0f img/s); parameters: "
-               "max |gpu - cpu| %.3g of max |p| %.3g\n", p, em[k].train_loss, em[k].test_loss,
-               em[k].test_acc, em[k].images_per_s, max_d, max_p);
+        printf("cuda %s%s: train loss %.6f test loss %.6f acc %.4f (%.0f img/s, %ld passes "
+               "from graphs); parameters: max |gpu - cpu| %.3g of max |p| %.3g\n", p,
+               cfg->graphs ? "" : " (graphs off)", em[k].train_loss, em[k].test_loss,
+               em[k].test_acc, em[k].images_per_s, em[k].graph_passes, max_d, max_p);
+        int want_graphs = cfg->graphs && strcmp(p, "f16") != 0; /* f16: loss scaling */
+        CHECK(want_graphs ? em[k].graph_passes > 0 : em[k].graph_passes == -1,
+              "%s graphs=%d: %ld passes from graphs", p, cfg->graphs, em[k].graph_passes);
         if (!strcmp(p, "f16"))
             CHECK(em[k].skipped_steps == 0, "f16: %ld steps skipped (loss scale now %g)",
                   em[k].skipped_steps, em[k].loss_scale);
@@ -156,6 +168,9 @@ int main(void)
               "%s: test loss", p);
         CHECK(fabs(em[k].test_acc - em[0].test_acc) <= cfg->acc, "%s: test accuracy", p);
     }
+    if (params[BF16_GRAPHS] && params[BF16_EAGER])
+        CHECK(!memcmp(params[BF16_GRAPHS], params[BF16_EAGER], param_count[0] * sizeof(float)),
+              "bf16: parameters trained with and without CUDA graphs differ");
     for (int k = 0; k < CONFIGS; k++) free(params[k]);
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);

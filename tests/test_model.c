@@ -2,10 +2,12 @@
  * and of the input path through residual blocks (directional derivative
  * against central finite differences of the mean loss, evaluated in double
  * from the float forward), eval-mode chunking, BN train/eval semantics,
- * determinism, and no allocation after finalize. */
+ * determinism, no allocation after finalize, the loss in parts (as graph
+ * captures run it), and the input bound to another buffer. */
 #include <malloc.h>
 #include <string.h>
 
+#include "kfac/kfac_pass_graph.h"
 #include "kfac/kfac_resnet.h"
 #include "testutil.h"
 
@@ -184,6 +186,59 @@ static void check_no_allocation(void)
     kfac_model_free(m);
 }
 
+/* set_labels + loss_queue + loss_result give kfac_model_loss's results
+ * and gradients; a pass through kfac_pass_graphs needs a backend with
+ * graphs (the CPU has none); an input bound to another buffer is read. */
+static void check_loss_parts_and_binding(void)
+{
+    unsigned long long seed = 21;
+    int32_t labels[BATCH], bad[BATCH];
+    kfac_model *m = small_model("resnet8-fmnist", 1, 6, 8, &seed, labels);
+    if (!m) return;
+    size_t n = kfac_model_param_count(m);
+    double loss1, loss2;
+    int hits1, hits2;
+    CHECK_OK(kfac_model_forward(m, g_batch, KFAC_MODE_TRAIN));
+    CHECK_OK(kfac_model_loss(m, g_batch, labels, 0.1f, &loss1, &hits1));
+    CHECK_OK(kfac_model_backward(m, g_batch));
+    float *g1 = malloc(n * sizeof *g1);
+    memcpy(g1, kfac_model_grads(m), n * sizeof *g1);
+    CHECK_OK(kfac_model_forward(m, g_batch, KFAC_MODE_TRAIN));
+    CHECK_OK(kfac_model_set_labels(m, g_batch, labels));
+    CHECK_OK(kfac_model_loss_queue(m, g_batch, 0.1f));
+    CHECK_OK(kfac_model_backward(m, g_batch));
+    CHECK_OK(kfac_model_loss_result(m, g_batch, &loss2, &hits2));
+    CHECK(loss1 == loss2 && hits1 == hits2 && !memcmp(g1, kfac_model_grads(m), n * sizeof *g1),
+          "loss in parts: %.9g vs %.9g, %d vs %d hits", loss2, loss1, hits2, hits1);
+    memcpy(bad, labels, sizeof bad);
+    bad[2] = 7; /* 5 classes */
+    CHECK(kfac_model_set_labels(m, g_batch, bad) == KFAC_OK &&
+              kfac_model_loss_queue(m, g_batch, 0.0f) == KFAC_EINVAL,
+          "a bad label is refused: %s", kfac_last_error());
+
+    kfac_pass_graphs *graphs = NULL;
+    CHECK(kfac_pass_graphs_init(&graphs, m) == KFAC_ENOTSUP && !graphs,
+          "graphs on the cpu: %s", kfac_last_error());
+
+    /* the same images in another buffer give the same loss */
+    int h, w, c;
+    kfac_model_input_shape(m, &h, &w, &c);
+    size_t pixels = (size_t)g_batch * h * w * c;
+    float *other = malloc(pixels * sizeof *other);
+    memcpy(other, kfac_model_input(m), pixels * sizeof *other);
+    float *own = kfac_model_own_input(m);
+    for (size_t i = 0; i < pixels; i++) own[i] = 0.0f;
+    kfac_model_bind_input(m, other);
+    CHECK(kfac_model_input(m) == other, "bound input returned");
+    CHECK_OK(kfac_model_forward(m, g_batch, KFAC_MODE_TRAIN));
+    CHECK_OK(kfac_model_loss(m, g_batch, labels, 0.1f, &loss2, &hits2));
+    CHECK(loss2 == loss1, "bound input: loss %.9g vs %.9g", loss2, loss1);
+    kfac_model_bind_input(m, own);
+    free(other);
+    free(g1);
+    kfac_model_free(m);
+}
+
 int main(void)
 {
     CHECK_OK(kfac_backend_get("cpu", 2, &be));
@@ -197,6 +252,7 @@ int main(void)
     check_eval();
     check_determinism();
     check_no_allocation();
+    check_loss_parts_and_binding();
     kfac_backend_free(be);
     return test_summary("test_model");
 }

@@ -185,6 +185,9 @@ static const key_spec KEYS[] = {
     KEY(train, micro_batches, T_INT, "1", AT_LEAST(1),
         "each rank's share of a batch runs as this many micro-batches whose gradients are summed "
         "(BN statistics are per micro-batch)"),
+    KEY(train, cuda_graphs, T_BOOL, "true", ANY,
+        "cuda: replay each step's forward, loss and backward from a CUDA graph (SGD on one GPU, "
+        "f32 or bf16; false: launch every operation)"),
 
     KEY(distributed, bucket_mb, T_FLOAT, "25", ABOVE(0), "gradient all-reduce bucket size in MiB"),
     KEY(distributed, overlap, T_BOOL, "true", ANY,

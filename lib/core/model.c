@@ -551,8 +551,7 @@ kfac_status kfac_model_forward(kfac_model *m, int n, kfac_mode mode)
     return KFAC_OK;
 }
 
-kfac_status kfac_model_loss(kfac_model *m, int n, const int32_t *labels, float smoothing,
-                            double *loss_sum, int *correct)
+kfac_status kfac_model_set_labels(kfac_model *m, int n, const int32_t *labels)
 {
     value *logits = &m->values[m->num_values - 1];
     if (logits->h != 1 || logits->w != 1)
@@ -560,10 +559,32 @@ kfac_status kfac_model_loss(kfac_model *m, int n, const int32_t *labels, float s
                         logits->w, logits->c);
     if (n < 1 || n > m->max_batch)
         return KFAC_ERR(KFAC_EINVAL, "model: batch %d outside [1, %d]", n, m->max_batch);
-    KFAC_TRY(m->be->upload(m->be, m->labels, labels, (size_t)n * sizeof *labels));
-    KFAC_TRY(m->be->softmax_xent(m->be, n, logits->c, logits->data, m->labels, smoothing,
-                                 m->loss_scale, logits->grad, loss_sum, correct));
-    return KFAC_OK;
+    return m->be->upload(m->be, m->labels, labels, (size_t)n * sizeof *labels);
+}
+
+/* The loss against the labels set last; host results, or none (NULL). */
+static kfac_status loss(kfac_model *m, int n, float smoothing, double *loss_sum, int *correct)
+{
+    value *logits = &m->values[m->num_values - 1];
+    return m->be->softmax_xent(m->be, n, logits->c, logits->data, m->labels, smoothing,
+                               m->loss_scale, logits->grad, loss_sum, correct);
+}
+
+kfac_status kfac_model_loss(kfac_model *m, int n, const int32_t *labels, float smoothing,
+                            double *loss_sum, int *correct)
+{
+    KFAC_TRY(kfac_model_set_labels(m, n, labels));
+    return loss(m, n, smoothing, loss_sum, correct);
+}
+
+kfac_status kfac_model_loss_queue(kfac_model *m, int n, float smoothing)
+{
+    return loss(m, n, smoothing, NULL, NULL);
+}
+
+kfac_status kfac_model_loss_result(kfac_model *m, int n, double *loss_sum, int *correct)
+{
+    return m->be->xent_result(m->be, n, kfac_model_classes(m), m->labels, loss_sum, correct);
 }
 
 static kfac_status node_backward(kfac_model *m, node *nd, int n)

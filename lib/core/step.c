@@ -24,6 +24,22 @@ static kfac_status step_hook(kfac_model *m, int node, int n, void *user)
     return kfac_gradsync_node_done(s->sync, node);
 }
 
+/* Forward, [sampled-Fisher pass], loss and backward of micro-batch j. */
+static kfac_status pass(const kfac_step *s, int j, int n, const int32_t *labels, double *loss,
+                        int *hits)
+{
+    if (s->graphs)
+        return kfac_pass_graphs_run(s->graphs, n, labels, s->label_smoothing, step_hook,
+                                    (void *)s, loss, hits);
+    KFAC_TRY(kfac_model_forward(s->model, n, KFAC_MODE_TRAIN));
+    if (s->kfac) KFAC_TRY(kfac_precond_sampled_pass(s->kfac, n, (long)s->rank * s->micro_batches + j));
+    KFAC_TRY(kfac_model_loss(s->model, n, labels, s->label_smoothing, loss, hits));
+    kfac_model_set_backward_hook(s->model, step_hook, (void *)s);
+    kfac_status st = kfac_model_backward(s->model, n);
+    kfac_model_set_backward_hook(s->model, NULL, NULL);
+    return st;
+}
+
 static kfac_status micro_batch(const kfac_step *s, int j, kfac_micro_loader load, void *user,
                                double *loss_sum, long *correct, long *seen)
 {
@@ -31,13 +47,7 @@ static kfac_status micro_batch(const kfac_step *s, int j, kfac_micro_loader load
     double loss;
     const int32_t *labels;
     KFAC_TRY(load(user, j, &n, &labels));
-    KFAC_TRY(kfac_model_forward(s->model, n, KFAC_MODE_TRAIN));
-    if (s->kfac) KFAC_TRY(kfac_precond_sampled_pass(s->kfac, n, (long)s->rank * s->micro_batches + j));
-    KFAC_TRY(kfac_model_loss(s->model, n, labels, s->label_smoothing, &loss, &hits));
-    kfac_model_set_backward_hook(s->model, step_hook, (void *)s);
-    kfac_status st = kfac_model_backward(s->model, n);
-    kfac_model_set_backward_hook(s->model, NULL, NULL);
-    KFAC_TRY(st);
+    KFAC_TRY(pass(s, j, n, labels, &loss, &hits));
     kfac_gradsync_end_micro(s->sync);
     if (s->kfac) kfac_precond_end_micro(s->kfac);
     *loss_sum += loss;
@@ -52,6 +62,9 @@ kfac_status kfac_step_run(const kfac_step *s, long step, double epoch, float lr,
 {
     if (s->loss_scale && s->kfac)
         return KFAC_ERR(KFAC_ENOTSUP, "step: loss scaling (f16) with K-FAC is not supported");
+    if (s->graphs && (s->kfac || s->loss_scale || s->ranks > 1))
+        return KFAC_ERR(KFAC_ENOTSUP, "step: graphs are for SGD on one rank without loss "
+                        "scaling (their backward hooks and scalars are fixed)");
     if (s->loss_scale) kfac_loss_scale_begin(s->loss_scale, s->model);
     KFAC_TRY(kfac_gradsync_begin(s->sync, s->micro_batches));
     if (s->kfac) kfac_precond_begin(s->kfac, step, s->micro_batches);

@@ -32,6 +32,8 @@ typedef struct trainer {
     kfac_batcher *bn_batches; /* precise BN: un-augmented training images */
     kfac_loader *train_loader; /* this rank's micro-batches of train_batches, read ahead */
     kfac_feed *feed;           /* train_loader's pieces into the model, uploads overlapped */
+    kfac_pass_graphs *graphs;  /* train.cuda_graphs where they apply; NULL: eager */
+    int graphs_noticed;        /* their fallback was reported */
     kfac_model *model;
     kfac_sgd *sgd;
     kfac_precond *kfac;       /* NULL for plain SGD */
@@ -401,6 +403,7 @@ static kfac_status train_step(trainer *t, long step, size_t batch, int last_batc
         .kfac = t->kfac,
         .sync = t->sync,
         .loss_scale = t->scaled ? &t->loss_scale : NULL,
+        .graphs = t->graphs,
         .rank = t->rank,
         .ranks = t->size,
         .micro_batches = t->micro_batches,
@@ -486,6 +489,7 @@ static void write_metrics(FILE *f, const kfac_epoch_metrics *m, int kfac, int ra
     if (scaled)
         fprintf(f, ", \"loss_scale\": %.6g, \"skipped_steps\": %ld", m->loss_scale,
                 m->skipped_steps);
+    if (m->graph_passes >= 0) fprintf(f, ", \"graph_passes\": %ld", m->graph_passes);
     if (ranks > 1) {
         fprintf(f, ", \"ranks\": %d, \"kfac_comm_s\": %.3f, \"bytes_per_step\": {", ranks,
                 m->seconds_comm);
@@ -569,6 +573,9 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
     KFAC_TRY(open_data(t));
     KFAC_TRY(build_model(t));
     KFAC_TRY(kfac__feed_init(&t->feed, t->model, t->train_loader, t->micro_size));
+    if (job->train.cuda_graphs && t->be->capture_begin && !t->kfac && !t->scaled &&
+        t->size == 1 && t->micro_batches == 1)
+        KFAC_TRY(kfac_pass_graphs_init(&t->graphs, t->model));
     KFAC_TRY(broadcast_model(t));
     if (lead) {
         KFAC_TRY(kfac__make_dirs(job->output.dir));
@@ -583,12 +590,13 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
         snprintf(summary, sizeof summary,
                  "%s: %zu parameters, %.1f M MACs/image; %zu train / %zu test images; "
                  "batch %d = %d ranks x %d micro-batches x %d, %zu steps/epoch, %d epochs; "
-                 "backend %s (%s activations), %d threads/rank; comm %s",
+                 "backend %s (%s activations%s), %d threads/rank; comm %s",
                  job->model.name, kfac_model_param_count(t->model),
                  kfac_model_macs_per_image(t->model) / 1e6, t->train_set->count,
                  t->test_set->count, job->train.batch_size, t->size, t->micro_batches,
                  t->micro_size, kfac_batcher_batches_per_epoch(t->train_batches),
                  job->train.epochs, t->be->name, kfac_dtype_name(t->be->act_dtype),
+                 t->graphs ? ", CUDA graphs" : "",
                  t->be->threads, kfac_comm_kind(t->world));
         cb->on_start(summary, cb->user);
     }
@@ -623,6 +631,14 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
         em.seconds = kfac__now_seconds() - start;
         em.loss_scale = t->loss_scale.scale;
         em.skipped_steps = t->loss_scale.skipped_steps;
+        em.graph_passes = t->graphs ? kfac_pass_graphs_replays(t->graphs) : -1;
+        if (t->graphs && kfac_pass_graphs_off(t->graphs) && !t->graphs_noticed) {
+            t->graphs_noticed = 1;
+            char notice[700];
+            snprintf(notice, sizeof notice, "CUDA graphs off, steps run operation by operation: %s",
+                     kfac_pass_graphs_off(t->graphs));
+            if (cb && cb->on_notice) cb->on_notice(notice, cb->user);
+        }
         if (t->metrics) write_metrics(t->metrics, &em, t->kfac != NULL, t->size, t->scaled);
         if (cb && cb->on_epoch) cb->on_epoch(&em, cb->user);
     }
@@ -662,6 +678,7 @@ kfac_status kfac_train_run(const kfac_job *job, kfac_comm *world, const kfac_tra
         free(t.host_images);
     free(t.bn_saved);
     kfac_gradsync_free(t.sync);
+    kfac_pass_graphs_free(t.graphs);
     kfac__feed_free(t.feed);
     kfac_precond_free(t.kfac);
     kfac_sgd_free(t.sgd);

@@ -82,6 +82,7 @@ kfac_status kfac_backend_cpu_init(int threads, kfac_backend **out)
     be->gap_forward = kfac__cpu_gap_forward;
     be->gap_backward = kfac__cpu_gap_backward;
     be->softmax_xent = kfac__cpu_softmax_xent;
+    be->xent_result = kfac__cpu_xent_result;
     be->sgd_update = kfac__cpu_sgd_update;
     be->scale_grads = kfac__cpu_scale_grads;
     be->destroy = cpu_destroy;

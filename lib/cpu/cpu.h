@@ -14,6 +14,8 @@
 
 typedef struct kfac_cpu {
     double *reduce_scratch;
+    double xent_loss;  /* the last softmax_xent asked without host results */
+    int xent_correct;
 } kfac_cpu;
 
 static inline kfac_cpu *kfac__cpu(kfac_backend *be) { return (kfac_cpu *)be->impl; }
@@ -93,5 +95,7 @@ kfac_status kfac__cpu_gap_backward(kfac_backend *be, int n, int hw, int c, const
 kfac_status kfac__cpu_softmax_xent(kfac_backend *be, int n, int classes, const float *logits,
                                    const int32_t *labels, float smoothing, float grad_scale,
                                    float *dlogits, double *loss_sum, int *correct);
+kfac_status kfac__cpu_xent_result(kfac_backend *be, int n, int classes, const int32_t *labels,
+                                  double *loss_sum, int *correct);
 
 #endif

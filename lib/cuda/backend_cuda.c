@@ -26,13 +26,18 @@ static void count_bytes(kfac_cuda *cu, size_t taken, size_t freed)
     if (cu->bytes_held > cu->bytes_peak) cu->bytes_peak = cu->bytes_held;
 }
 
+/* Grows the scratch buffer.  The old one is kept, not freed: queued work
+ * and captured graphs (which hold its address) may still use it.  Growth
+ * is rare (the largest batch-norm layer or loss batch seen so far). */
 static kfac_status ensure_scratch(kfac_cuda *cu, size_t bytes)
 {
     if (bytes <= cu->scratch_bytes) return KFAC_OK;
-    /* Work queued earlier may still read the old buffer. */
-    KFAC_CUDA_CHECK(cudaStreamSynchronize(cu->stream));
-    cudaFree(cu->scratch);
-    count_bytes(cu, 0, cu->scratch_bytes);
+    if (cu->scratch) {
+        void **r = realloc(cu->retired, (size_t)(cu->nretired + 1) * sizeof *r);
+        if (!r) return KFAC_ERR(KFAC_ENOMEM, "cuda: cannot grow the list of scratch buffers");
+        cu->retired = r;
+        cu->retired[cu->nretired++] = cu->scratch;
+    }
     cu->scratch = NULL;
     cu->scratch_bytes = 0;
     size_t round = (size_t)1 << 20;
@@ -337,17 +342,12 @@ static kfac_status cuda_gap_backward(kfac_backend *be, int n, int hw, int c, con
 
 /* ---- loss ---- */
 
-static kfac_status cuda_softmax_xent(kfac_backend *be, int n, int classes, const float *logits,
-                                     const int32_t *labels, float smoothing, float grad_scale,
-                                     float *dlogits, double *loss_sum, int *correct)
+/* The result of the last softmax_xent of (n, classes, labels), once the
+ * device has it. */
+static kfac_status read_xent(kfac_cuda *cu, int n, int classes, const int32_t *labels,
+                             double *loss_sum, int *correct)
 {
-    kfac_cuda *cu = kfac__cuda(be);
     kfac_k_xent_result r;
-    KFAC_TRY(ensure_scratch(cu, kfac_k_xent_scratch_bytes(n)));
-    KFAC_CUDA_CHECK_AS("softmax_xent",
-                       kfac_k_softmax_xent(be->act_dtype, n, classes, logits, labels, smoothing,
-                                           grad_scale, dlogits, cu->xent_result, cu->scratch,
-                                           cu->stream));
     KFAC_CUDA_CHECK_AS("softmax_xent (result)",
                        cudaMemcpyAsync(&r, cu->xent_result, sizeof r, cudaMemcpyDeviceToHost,
                                        cu->stream));
@@ -365,6 +365,70 @@ static kfac_status cuda_softmax_xent(kfac_backend *be, int n, int classes, const
     return KFAC_OK;
 }
 
+static kfac_status cuda_softmax_xent(kfac_backend *be, int n, int classes, const float *logits,
+                                     const int32_t *labels, float smoothing, float grad_scale,
+                                     float *dlogits, double *loss_sum, int *correct)
+{
+    kfac_cuda *cu = kfac__cuda(be);
+    KFAC_TRY(ensure_scratch(cu, kfac_k_xent_scratch_bytes(n)));
+    KFAC_CUDA_CHECK_AS("softmax_xent",
+                       kfac_k_softmax_xent(be->act_dtype, n, classes, logits, labels, smoothing,
+                                           grad_scale, dlogits, cu->xent_result, cu->scratch,
+                                           cu->stream));
+    if (!loss_sum || !correct) return KFAC_OK; /* xent_result reads it later */
+    return read_xent(cu, n, classes, labels, loss_sum, correct);
+}
+
+static kfac_status cuda_xent_result(kfac_backend *be, int n, int classes, const int32_t *labels,
+                                    double *loss_sum, int *correct)
+{
+    return read_xent(kfac__cuda(be), n, classes, labels, loss_sum, correct);
+}
+
+/* ---- graphs ---- */
+
+/* Thread-local mode: only this thread's calls that would break the capture
+ * (a synchronisation, an allocation) fail; the loader's threads make none. */
+static kfac_status cuda_capture_begin(kfac_backend *be)
+{
+    KFAC_CUDA_CHECK_AS("capture_begin",
+                       cudaStreamBeginCapture(kfac__cuda(be)->stream,
+                                              cudaStreamCaptureModeThreadLocal));
+    return KFAC_OK;
+}
+
+static kfac_status cuda_capture_end(kfac_backend *be, void **graph)
+{
+    cudaGraph_t g = NULL;
+    cudaGraphExec_t exec = NULL;
+    *graph = NULL;
+    /* Ends the capture even after an operation inside it failed. */
+    cudaError_t e = cudaStreamEndCapture(kfac__cuda(be)->stream, &g);
+    if (e == cudaSuccess) e = cudaGraphInstantiate(&exec, g, 0);
+    if (g) cudaGraphDestroy(g);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return KFAC_ERR(kfac__cuda_status(e), "cuda: graph capture: %s (%s)",
+                        cudaGetErrorString(e), cudaGetErrorName(e));
+    }
+    *graph = exec;
+    return KFAC_OK;
+}
+
+static kfac_status cuda_graph_launch(kfac_backend *be, void *graph)
+{
+    KFAC_CUDA_CHECK_AS("graph_launch",
+                       cudaGraphLaunch((cudaGraphExec_t)graph, kfac__cuda(be)->stream));
+    return KFAC_OK;
+}
+
+static void cuda_graph_free(kfac_backend *be, void *graph)
+{
+    (void)be;
+    if (graph && cudaGraphExecDestroy((cudaGraphExec_t)graph) != cudaSuccess)
+        (void)cudaGetLastError();
+}
+
 /* ---- life cycle ---- */
 
 static void cuda_destroy(kfac_backend *be)
@@ -379,6 +443,7 @@ static void cuda_destroy(kfac_backend *be)
         if (cu->uploads_done) cudaEventDestroy(cu->uploads_done);
         if (cu->copy_stream) cudaStreamDestroy(cu->copy_stream);
         cudaFree(cu->scratch);
+        for (int i = 0; i < cu->nretired; i++) cudaFree(cu->retired[i]);
         cudaFree(cu->xent_result);
         cudaFree(cu->nonfinite);
         kfac__cudnn_conv_free(cu); /* descriptors before their handle */
@@ -387,7 +452,10 @@ static void cuda_destroy(kfac_backend *be)
         if (cu->stream) cudaStreamDestroy(cu->stream);
         (void)cudaGetLastError();
     }
-    if (cu) free(cu->blocks);
+    if (cu) {
+        free(cu->blocks);
+        free(cu->retired);
+    }
     free(cu);
     free(be);
 }
@@ -494,6 +562,11 @@ kfac_status kfac_backend_cuda_init(int device, kfac_backend **out)
     be->gap_forward = cuda_gap_forward;
     be->gap_backward = cuda_gap_backward;
     be->softmax_xent = cuda_softmax_xent;
+    be->xent_result = cuda_xent_result;
+    be->capture_begin = cuda_capture_begin;
+    be->capture_end = cuda_capture_end;
+    be->graph_launch = cuda_graph_launch;
+    be->graph_free = cuda_graph_free;
     be->scale_grads = cuda_scale_grads;
     be->sgd_update = cuda_sgd_update;
     be->destroy = cuda_destroy;

@@ -44,6 +44,8 @@ typedef struct kfac_cuda {
     struct kfac_conv_cache *convs;   /* conv_cudnn.c: one plan per geometry */
     void *scratch;                   /* batch-norm and loss scratch, grown on demand */
     size_t scratch_bytes;
+    void **retired;                  /* scratch buffers outgrown: graphs may hold */
+    int nretired;                    /* them, so they live until destroy */
     kfac_k_xent_result *xent_result; /* device */
     int *nonfinite;                  /* device flag of scale_grads */
     kfac_cuda_block *blocks;         /* live cuda_alloc blocks (model arena, cuDNN */

@@ -17,7 +17,10 @@
  * CUDA context or library handles, as torch.cuda.max_memory_allocated).
  * --precision bf16|f16 (cuda) stores activations in 16 bits (train.precision;
  * f16 with dynamic loss scaling), reported as _cuda_bf16 / _cuda_f16;
- * under KFAC_CUDNN_DETERMINISTIC=0 the names end in _nondet.
+ * under KFAC_CUDNN_DETERMINISTIC=0 the names end in _nondet.  Training on
+ * cuda (f32, bf16) replays forward, loss and backward from CUDA graphs as
+ * the trainer does (KFAC_CUDA_GRAPHS=0: off); the line says which
+ * ("cuda_graphs": true, or the reason they are off).
  * Every timed step ends with a wait for the device, so the time covers
  * finished GPU work. */
 #include <stdio.h>
@@ -30,6 +33,7 @@
 
 #include "kfac/kfac_loss_scale.h"
 #include "kfac/kfac_optim.h"
+#include "kfac/kfac_pass_graph.h"
 #include "kfac/kfac_precond.h"
 #include "kfac/kfac_resnet.h"
 #include "kfac/kfac_rng.h"
@@ -72,8 +76,8 @@ static kfac_status finish(kfac_backend *be, kfac_model *m)
 
 /* The CUDA figure's line; precision: the activations' type, and for f32 how
  * the backend runs its convolutions. */
-static void print_cuda(const kfac_backend *be, const char *mode, const char *model, int batch,
-                       double ips, double gflops)
+static void print_cuda(const kfac_backend *be, const kfac_pass_graphs *graphs, const char *mode,
+                       const char *model, int batch, double ips, double gflops)
 {
     const char *tf32 = getenv("KFAC_CUDNN_TF32");
     const char *precision = be->act_dtype != KFAC_F32     ? kfac_dtype_name(be->act_dtype)
@@ -82,10 +86,18 @@ static void print_cuda(const kfac_backend *be, const char *mode, const char *mod
     const char *det = getenv("KFAC_CUDNN_DETERMINISTIC");
     double peak = be->peak_bytes ? be->peak_bytes(be) / 1048576.0 : -1;
     printf("{\"name\": \"kfac_%s_%s_b%d_cuda_%s%s\", \"value\": %.1f, \"unit\": \"images/s\", "
-           "\"step_ms\": %.2f, \"gflops\": %.1f, \"peak_gpu_mib\": %.1f}\n",
+           "\"step_ms\": %.2f, \"gflops\": %.1f, \"peak_gpu_mib\": %.1f, \"cuda_graphs\": ",
            mode, model, batch, precision, det && !strcmp(det, "0") ? "_nondet" : "", ips,
-           1e3 * batch / ips,
-           gflops, peak);
+           1e3 * batch / ips, gflops, peak);
+    const char *off = graphs ? kfac_pass_graphs_off(graphs) : "not used";
+    if (!off) {
+        printf("true}\n");
+        return;
+    }
+    putchar('"');
+    for (; *off; off++) /* a JSON string: the reason, quotes and controls dropped */
+        if (*off != '"' && *off != '\\' && (unsigned char)*off >= 0x20) putchar(*off);
+    printf("\"}\n");
 }
 
 /* sgemm GFLOP/s on `threads` threads: 1536^3 products, best of several. */
@@ -154,6 +166,11 @@ int main(int argc, char **argv)
     kfac_precond_config kcfg;
     kfac_precond_config_defaults(&kcfg);
     if (!strcmp(optimizer, "kfac") && kfac_precond_init(&kfac, m, &kcfg)) return die("kfac");
+    kfac_pass_graphs *graphs = NULL;
+    const char *use_graphs = getenv("KFAC_CUDA_GRAPHS");
+    if (gpu && train && act != KFAC_F16 && !(use_graphs && !strcmp(use_graphs, "0")) &&
+        kfac_pass_graphs_init(&graphs, m))
+        return die("graphs");
     int h, w, c;
     kfac_model_input_shape(m, &h, &w, &c);
     kfac_rng rng;
@@ -186,6 +203,9 @@ int main(int argc, char **argv)
         if (kfac) {
             if (kfac_precond_step(kfac, it, 0.0, 0.01f, batch, labels, 0.0f, &loss, &correct))
                 return die("kfac step");
+        } else if (graphs) {
+            if (kfac_pass_graphs_run(graphs, batch, labels, 0.0f, NULL, NULL, &loss, &correct))
+                return die("pass");
         } else {
             if (kfac_model_forward(m, batch, train ? KFAC_MODE_TRAIN : KFAC_MODE_EVAL))
                 return die("forward");
@@ -207,7 +227,7 @@ int main(int argc, char **argv)
     double gflops = ips * macs * 2 * (train ? 3 : 1) / 1e9;
     double elapsed = now() - t0;
     if (gpu) {
-        print_cuda(be, mode, model_name, batch, ips, gflops);
+        print_cuda(be, graphs, mode, model_name, batch, ips, gflops);
     } else {
         printf("{\"name\": \"kfac_%s%s_%s_b%d\", \"value\": %.1f, \"unit\": \"images/s\", "
                "\"step_ms\": %.2f, \"gflops\": %.1f, \"peak_rss_mib\": %.1f, \"threads\": %d",
@@ -221,6 +241,7 @@ int main(int argc, char **argv)
                    (after.seconds_precondition - before.seconds_precondition) / elapsed);
         printf("}\n");
     }
+    kfac_pass_graphs_free(graphs);
     kfac_precond_free(kfac);
     kfac_sgd_free(sgd);
     kfac_model_free(m);

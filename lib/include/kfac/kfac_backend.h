@@ -156,10 +156,16 @@ struct kfac_backend {
      * (target = (1-eps) onehot + eps/classes).  Writes dlogits (grad_scale
      * times the gradient of the mean loss, may be NULL; grad_scale is the
      * loss scale of fp16 training, else 1), the summed loss and the number
-     * of correct argmax predictions (host values). */
+     * of correct argmax predictions (host values).  With loss_sum and
+     * correct NULL the call does not wait for the device (it may be
+     * captured into a graph); xent_result, given the same n, classes and
+     * labels, then reads that result (of the call or of a graph replaying
+     * it) and reports a label outside [0, classes). */
     kfac_status (*softmax_xent)(kfac_backend *be, int n, int classes, const float *logits,
                                 const int32_t *labels, float smoothing, float grad_scale,
                                 float *dlogits, double *loss_sum, int *correct);
+    kfac_status (*xent_result)(kfac_backend *be, int n, int classes, const int32_t *labels,
+                               double *loss_sum, int *correct);
 
     /* g[i] *= scale for n float32 values; *finite (host) = 1 when every
      * result is finite, 0 when one is inf or nan (dynamic loss scaling). */
@@ -169,6 +175,18 @@ struct kfac_backend {
      *   g' = g + wd*p;  v = mom*v + g';  p -= lr * (nesterov ? g' + mom*v : v)   */
     kfac_status (*sgd_update)(kfac_backend *be, size_t n, float *p, const float *g, float *v,
                               float lr, float mom, float wd, int nesterov);
+
+    /* Graphs (CUDA graphs): the operations queued between capture_begin
+     * and capture_end are recorded instead of run, into a graph that
+     * graph_launch replays with the same arguments (pointers and scalars
+     * as they were at capture).  Nothing may wait for the device in
+     * between (softmax_xent without host results); a failed capture
+     * leaves the backend as before capture_begin.  NULL where the backend
+     * has none (CPU). */
+    kfac_status (*capture_begin)(kfac_backend *be);
+    kfac_status (*capture_end)(kfac_backend *be, void **graph);
+    kfac_status (*graph_launch)(kfac_backend *be, void *graph);
+    void (*graph_free)(kfac_backend *be, void *graph);
 
     void (*destroy)(kfac_backend *be);
 };

@@ -101,6 +101,7 @@ typedef struct kfac_job {
         int precise_bn_images;      /* >0: recompute BN statistics over this many training
                                        images before each evaluation ("precise BN") */
         int micro_batches;          /* per rank: gradients summed over this many */
+        int cuda_graphs;            /* cuda: passes replayed from CUDA graphs where they can be */
     } train;
     struct {                        /* used when several ranks run the job */
         float bucket_mb;            /* gradient all-reduce bucket, MiB */

@@ -103,6 +103,14 @@ kfac_status kfac_model_forward(kfac_model *m, int n, kfac_mode mode);
  * backward; loss_sum and correct as the backend op. */
 kfac_status kfac_model_loss(kfac_model *m, int n, const int32_t *labels, float smoothing,
                             double *loss_sum, int *correct);
+/* The same in three parts, for a pass that must not wait for the device in
+ * between (a graph capture): set_labels (host labels, before), loss_queue
+ * (queues the loss and the logits' gradient, waits for nothing), and
+ * loss_result (after: the summed loss and correct predictions of the last
+ * queued loss, or of a graph replaying it, for the same n). */
+kfac_status kfac_model_set_labels(kfac_model *m, int n, const int32_t *labels);
+kfac_status kfac_model_loss_queue(kfac_model *m, int n, float smoothing);
+kfac_status kfac_model_loss_result(kfac_model *m, int n, double *loss_sum, int *correct);
 kfac_status kfac_model_backward(kfac_model *m, int n);
 
 /* Parameters: one flat array of kfac_model_param_count floats, its

@@ -14,6 +14,7 @@
 #include "kfac/kfac_gradsync.h"
 #include "kfac/kfac_loss_scale.h"
 #include "kfac/kfac_optim.h"
+#include "kfac/kfac_pass_graph.h"
 #include "kfac/kfac_precond.h"
 
 #ifdef __cplusplus
@@ -31,6 +32,8 @@ typedef struct kfac_step {
     kfac_gradsync *sync;
     kfac_loss_scale *loss_scale; /* fp16 training; NULL: none.  Not with kfac: its
                                     factors would hold the scaled gradients */
+    kfac_pass_graphs *graphs;    /* each micro-batch's pass from a graph; NULL: eager.
+                                    Not with kfac or loss_scale, one rank only */
     int rank, ranks;      /* of the communicator sync and kfac use */
     int micro_batches;    /* per rank */
     float label_smoothing;

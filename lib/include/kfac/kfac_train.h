@@ -49,6 +49,9 @@ typedef struct kfac_epoch_metrics {
      * the steps skipped for overflow so far (cumulative) */
     double loss_scale;
     long skipped_steps;
+    /* train.cuda_graphs: training passes run from a CUDA graph so far (-1:
+     * graphs not in use for this run) */
+    long graph_passes;
     /* bytes sent per training step, summed over ranks, per stage and link */
     double bytes_per_step[KFAC_STAGE_COUNT][KFAC_LINK_COUNT];
 } kfac_epoch_metrics;
@@ -64,6 +67,9 @@ typedef struct kfac_train_callbacks {
     /* Called on every rank (the others: rank 0 only) after the last epoch,
      * with the trained parameters (host copy, param_count floats). */
     void (*on_finish)(const float *params, size_t param_count, void *user);
+    /* Called (rank 0) with a one-line notice the user should see, e.g. a
+     * fallback the run took; NULL: not shown. */
+    void (*on_notice)(const char *message, void *user);
     void *user;
 } kfac_train_callbacks;
 
