@@ -88,10 +88,11 @@ static kfac_status stage(kfac_feed *f)
     if (p.n < 0 || p.n > f->max_images)
         return KFAC_ERR(KFAC_EINVAL, "feed: a piece of %d images, the feed takes %d", p.n,
                         f->max_images);
-    memcpy(f->labels[f->next], p.labels, (size_t)p.n * sizeof(int32_t));
-    if (p.n > 0)
+    if (p.n > 0) { /* 0: the epoch is over, and the piece has no arrays */
+        memcpy(f->labels[f->next], p.labels, (size_t)p.n * sizeof(int32_t));
         KFAC_TRY(f->be->upload_async(f->be, f->input[f->next], p.images,
                                      (size_t)p.n * f->image_bytes));
+    }
     f->staged = p;
     f->staged.images = NULL;
     f->staged.labels = f->labels[f->next];
