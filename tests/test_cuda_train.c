@@ -115,15 +115,7 @@ static kfac_status train_on(const char *dir, const config *cfg, kfac_epoch_metri
 
 int main(void)
 {
-    kfac_backend *gpu = NULL;
-    kfac_status st = kfac_backend_get("cuda", 0, &gpu);
-    if (st == KFAC_ENOTSUP || st == KFAC_ENODEV) {
-        printf("skipped: no GPU (%s)\n", kfac_last_error());
-        return 77;
-    }
-    CHECK_OK(st);
-    kfac_backend_free(gpu);
-    if (st != KFAC_OK) return test_summary("test_cuda_train");
+    TEST_REQUIRE_GPU("test_cuda_train");
 
     char dir[] = "/tmp/kfac_cuda_train_XXXXXX";
     if (!mkdtemp(dir)) {

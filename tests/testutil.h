@@ -33,6 +33,22 @@ static int test_passed_count, test_failed_count;
               kfac_last_error(), kfac_last_error_where());                    \
     } while (0)
 
+/* For the GPU tests (kfac_backend.h included): returns 77 from main,
+ * printing "skipped: no GPU", where this build has no CUDA or no GPU is
+ * visible; a CUDA backend failing otherwise is a test failure. */
+#define TEST_REQUIRE_GPU(test_name)                                           \
+    do {                                                                      \
+        kfac_backend *gpu__ = NULL;                                           \
+        kfac_status gst__ = kfac_backend_get("cuda", 0, &gpu__);              \
+        if (gst__ == KFAC_ENOTSUP || gst__ == KFAC_ENODEV) {                  \
+            printf("skipped: no GPU (%s)\n", kfac_last_error());              \
+            return 77;                                                        \
+        }                                                                     \
+        CHECK(gst__ == KFAC_OK, "cuda backend: %s", kfac_last_error());       \
+        kfac_backend_free(gpu__);                                             \
+        if (gst__ != KFAC_OK) return test_summary(test_name);                 \
+    } while (0)
+
 /* Largest relative error max|a-b| / max(max|b|, floor) over n elements. */
 static inline double test_max_rel_err(const float *a, const double *b, size_t n, double floor_)
 {
