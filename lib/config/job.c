@@ -170,7 +170,8 @@ static const key_spec KEYS[] = {
 
     KEY(train, epochs, T_INT, "15", AT_LEAST(1), "number of training epochs"),
     KEY(train, batch_size, T_INT, "128", AT_LEAST(1), "training mini-batch size"),
-    KEY(train, eval_batch_size, T_INT, "1000", AT_LEAST(1), "evaluation batch size"),
+    KEY(train, eval_batch_size, T_INT, "1000", AT_LEAST(1),
+        "evaluation batch size (read at once; evaluated in pieces of the training micro-batch)"),
     KEY(train, seed, T_U64, "1", ANY, "random seed (initialisation, shuffling, augmentation)"),
     KEY(train, threads, T_INT, "0", AT_LEAST(0), "compute threads (0: all cores)"),
     KEY(train, device, T_STR, "cpu", ONE_OF("cpu|cuda"),
