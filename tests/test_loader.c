@@ -341,8 +341,8 @@ static void test_loader_failure_and_wait(void)
 
 /* The feed: every piece of an epoch bound to the model's input in order,
  * images matching their labels (channel 2 holds the index), the two input
- * buffers alternating, the epoch's end reported, and a restart at the next epoch giving a fresh loader's
- * first piece. */
+ * buffers alternating, the epoch's end reported, and a restart at the next
+ * epoch giving a fresh loader's first piece. */
 static void test_feed(void)
 {
     enum { H = 20, W = 16, PIECES = LN / LBATCH * (LBATCH / LPIECE) };

@@ -48,7 +48,8 @@ kfac_status kfac_backend_set_precision(kfac_backend *be, kfac_dtype t)
         return KFAC_ERR(KFAC_EINVAL, "precision %s: activations are f32, bf16 or f16",
                         kfac_dtype_name(t));
     if (!be->set_precision)
-        return KFAC_ERR(KFAC_ENOTSUP, "backend '%s' stores activations in f32 only (%s needs device cuda)",
+        return KFAC_ERR(KFAC_ENOTSUP,
+                        "backend '%s' stores activations in f32 only (%s needs device cuda)",
                         be->name, kfac_dtype_name(t));
     return be->set_precision(be, t);
 }

@@ -342,7 +342,8 @@ static kfac_status plan_gradients(kfac_model *m, char *base, size_t *bytes)
     for (int t = -1; t < m->num_nodes; t++)
         for (int v = 1; v < nv; v++) { /* the input needs no gradient */
             if (first[v] != t) continue;
-            size_t need = round_bytes((size_t)m->max_batch * value_floats(&m->values[v]) * m->act_size);
+            size_t need =
+                round_bytes((size_t)m->max_batch * value_floats(&m->values[v]) * m->act_size);
             int best = -1;
             for (int s = 0; s < slots; s++)
                 if (slot_free_after[s] < t && slot_size[s] >= need &&

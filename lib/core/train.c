@@ -450,7 +450,8 @@ static kfac_status train_epoch(trainer *t, int epoch, long *step, kfac_epoch_met
         double pos = epoch + (double)i / steps, lr = kfac_lr_at(&t->schedule, pos);
         double before = loss_sum;
         long seen_before = seen;
-        int last = i == steps - 1 || (job->train.max_steps > 0 && *step + 1 >= job->train.max_steps);
+        int last = i == steps - 1 ||
+                   (job->train.max_steps > 0 && *step + 1 >= job->train.max_steps);
         KFAC_TRY(train_step(t, *step, (size_t)i, last, pos, (float)lr, &loss_sum, &correct,
                             &seen));
         (*step)++;
