@@ -12,8 +12,9 @@
  *   cuda bf16: activations keep 8 significant bits (2^-9 relative), so
  *     parameters within 2e-2 of max|p|, losses 3e-2, accuracy 5%;
  *   cuda f16: 11 bits (2^-12): parameters 5e-3, losses 1e-2, accuracy 3%;
- *     with loss scaling from 2^16 no step of so small a model may overflow
- *     (skipped_steps 0), or the parameters could not be compared.
+ *     the loss scale starts at 2^10 (train.loss_scale), where no gradient
+ *     of so small a model overflows (skipped_steps 0; a skipped step would
+ *     make the parameters incomparable).
  * The f32 and bf16 runs replay their passes from CUDA graphs (the default;
  * graph_passes must count them); a bf16 run with train.cuda_graphs false
  * must give bit for bit the same parameters as the bf16 run with graphs
@@ -91,7 +92,7 @@ static void write_split(const char *dir, const char *prefix, int count, unsigned
 
 static kfac_status train_on(const char *dir, const config *cfg, kfac_epoch_metrics *em)
 {
-    char path[512], out[600], sets[6][700];
+    char path[512], out[600], sets[7][700];
     snprintf(path, sizeof path, "%s/job.yaml", dir);
     FILE *f = fopen(path, "w");
     fprintf(f, "model: {name: resnet8-fmnist}\n"
@@ -106,9 +107,10 @@ static kfac_status train_on(const char *dir, const config *cfg, kfac_epoch_metri
     snprintf(sets[3], sizeof sets[3], "data.prefetch=2");
     snprintf(sets[4], sizeof sets[4], "train.precision=%s", cfg->precision);
     snprintf(sets[5], sizeof sets[5], "train.cuda_graphs=%s", cfg->graphs ? "true" : "false");
-    const char *argv[6] = {sets[0], sets[1], sets[2], sets[3], sets[4], sets[5]};
+    snprintf(sets[6], sizeof sets[6], "train.loss_scale=1024");
+    const char *argv[7] = {sets[0], sets[1], sets[2], sets[3], sets[4], sets[5], sets[6]};
     kfac_job job;
-    KFAC_TRY(kfac_job_load(&job, path, 6, argv));
+    KFAC_TRY(kfac_job_load(&job, path, 7, argv));
     kfac_train_callbacks cb = {.on_finish = on_finish};
     return kfac_train_run(&job, NULL, &cb, em);
 }

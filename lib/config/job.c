@@ -179,6 +179,9 @@ static const key_spec KEYS[] = {
     KEY(train, precision, T_STR, "f32", ONE_OF("f32|bf16|f16"),
         "activation storage: f32, or bf16 / f16 on cuda (float32 weights and arithmetic; f16 "
         "with dynamic loss scaling)"),
+    KEY(train, loss_scale, T_FLOAT, "65536", ABOVE(0),
+        "f16: the initial loss scale (halved, and the step skipped, when a gradient overflows; "
+        "doubled after 2000 good steps)"),
     KEY(train, label_smoothing, T_FLOAT, "0", UNIT, "label smoothing of the cross-entropy loss"),
     KEY(train, max_steps, T_INT, "0", AT_LEAST(0), "stop after this many steps in total (0: no limit)"),
     KEY(train, precise_bn_images, T_INT, "0", AT_LEAST(0),

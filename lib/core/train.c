@@ -570,7 +570,7 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
     KFAC_TRY(kfac_dtype_parse(job->train.precision, &precision));
     KFAC_TRY(kfac_backend_set_precision(t->be, precision));
     if (precision == KFAC_F16) {
-        kfac_loss_scale_init(&t->loss_scale, KFAC_LOSS_SCALE_INITIAL,
+        kfac_loss_scale_init(&t->loss_scale, job->train.loss_scale,
                              KFAC_LOSS_SCALE_GROWTH_INTERVAL);
         t->scaled = 1;
     }

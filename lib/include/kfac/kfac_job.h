@@ -96,6 +96,7 @@ typedef struct kfac_job {
         int threads;                /* compute threads (0: all cores) */
         char device[KFAC_JOB_STR];  /* cpu | cuda */
         char precision[KFAC_JOB_STR]; /* f32 | bf16 | f16: activation storage */
+        float loss_scale;           /* f16: initial dynamic loss scale */
         float label_smoothing;
         int max_steps;              /* stop after this many steps in total (0: no limit) */
         int precise_bn_images;      /* >0: recompute BN statistics over this many training
