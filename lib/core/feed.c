@@ -20,6 +20,9 @@ struct kfac_feed {
 kfac_status kfac__feed_init(kfac_feed **out, kfac_model *m, kfac_loader *loader, int piece)
 {
     *out = NULL;
+    if (piece < 1 || piece > kfac_model_max_batch(m))
+        return KFAC_ERR(KFAC_EINVAL, "feed: pieces of %d images, the model takes 1 to %d", piece,
+                        kfac_model_max_batch(m));
     kfac_feed *f = calloc(1, sizeof *f);
     if (!f) return KFAC_ERR(KFAC_ENOMEM, "feed: out of memory");
     int h, w, c;
@@ -27,11 +30,6 @@ kfac_status kfac__feed_init(kfac_feed **out, kfac_model *m, kfac_loader *loader,
     f->model = m;
     f->be = kfac_model_backend(m);
     f->loader = loader;
-    if (piece < 1 || piece > kfac_model_max_batch(m)) {
-        free(f);
-        return KFAC_ERR(KFAC_EINVAL, "feed: pieces of %d images, the model takes 1 to %d", piece,
-                        kfac_model_max_batch(m));
-    }
     f->max_images = piece;
     f->image_bytes = (size_t)h * w * c * sizeof(float);
     f->input[0] = kfac_model_own_input(m);
