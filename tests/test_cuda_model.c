@@ -1,30 +1,50 @@
 /* test_cuda_model.c - the whole ResNet-50, CUDA backend against the CPU
- * backend: one forward/backward on a fixed batch (the loss and every
- * parameter tensor's gradient), then a 10-step SGD loss trajectory on that
- * batch (lr 0.002, momentum 0.9: on the CPU the loss falls smoothly from
- * 7.1 to 1.2), for each activation precision the CUDA backend has.  Both
- * models start from the same parameters (built on the host from one seed).
+ * backend (float32, the reference), for each activation precision the CUDA
+ * backend has: one forward/backward on a fixed batch of 4 (the loss and
+ * every parameter tensor's gradient), and a 10-step SGD loss trajectory on
+ * that batch (lr 0.002, momentum 0.9: the loss falls from 7.1 to ~1.3).
+ * Both models start from the same parameters (built on the host from one
+ * seed).
  *
- * Tolerances (per precision; the CPU run in float32 is the reference):
- *   f32   loss 1e-4 relative; each gradient tensor max|gpu - cpu| within
- *         2e-3 of its max|cpu| (cuDNN and our kernels sum in other orders,
- *         ~1e-6 per operation, grown through 53 batch norms at a batch of
- *         4); trajectory 1e-3 relative per step.
- *   bf16  activations rounded to 8 significant bits (2^-9 relative) at
- *         every layer: loss 2e-2 relative; each gradient tensor's cosine
- *         with the CPU's >= 0.98 and its norm within 10%; trajectory 5e-2
- *         relative per step.
- *   f16   11 significant bits (2^-12), loss scale 2^10 on the logits'
- *         gradient (a fixed scale: the policy is test_optim's): loss 5e-3,
- *         cosine >= 0.995, norm within 3%, trajectory 1e-2.
- * A max-error bound would be meaningless for 16-bit gradients, whose tiny
- * entries carry large relative errors; cosine and norm say whether the
- * gradient points the same way with the same length.
+ * Why a measured noise floor and not fixed tolerances.  A freshly
+ * initialised ResNet-50 in training mode is chaotic at this batch: a
+ * relative change of 2^-24 (one float32 rounding) in the input moves its
+ * gradients by ~2% (median tensor), and bf16 rounding leaves them nearly
+ * uncorrelated with float32's.  That is the network, not our kernels:
+ * PyTorch 2.x on the CPU (torchvision resnet50, batch 4, seed 21, measured
+ * 2026-11-26) moved by a 2^-24 input perturbation gives worst tensor cosine
+ * 0.99978 and max error 20% of max|g|; its autocast bf16 against its own
+ * float32 a median cosine of 0.17.  So each GPU run is judged against the
+ * CPU's own sensitivity, measured in the same run: the floor is the CPU run
+ * again with the input and every parameter multiplied by 1 +- u (random
+ * signs), u the unit roundoff of the GPU run's precision, the error one
+ * rounding per value makes at most.  A GPU error may be `factor` times the
+ * floor's (floors below `min_floor` count as min_floor).  Over 161 tensors
+ * two such floors with different signs differ by a factor of 0.7 to 1.3.
+ *
+ * Two scenarios:
+ *   chaotic     the standard initialisation (every BN gamma 1), the
+ *               gradients and the trajectory, factor 8.  Discriminating in
+ *               float32 (floors ~1e-2); for 16-bit floors are ~1, so it
+ *               shows the run trains alike but checks little per tensor.
+ *   conditioned zero_init_residual (the last BN gamma of every block 0, as
+ *               in Goyal et al.): each block starts as the identity, the
+ *               network is shallow and well conditioned (PyTorch's bf16
+ *               against float32: worst cosine 0.971, median 0.986), and
+ *               the gradients reach the stem, every shortcut, every block's
+ *               last BN and the classifier; the branch weights' gradients
+ *               are exactly 0 on both.  Gradients only, factor 4 and never
+ *               more than a relative error of 0.5.
+ * Also: the first loss within `loss` relative of the CPU's; the GPU's loss
+ * halves over the trajectory as the CPU's does.  f16 runs at a fixed loss
+ * scale of 2^10 on the logits' gradient (the scaling policy is
+ * test_optim's).
  *
  * Without CUDA in the build or without a GPU: "skipped: no GPU", exit 77. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kfac/kfac_backend.h"
 #include "kfac/kfac_optim.h"
@@ -36,17 +56,32 @@ enum { BATCH = 4, STEPS = 10 };
 
 typedef struct tolerance {
     kfac_dtype dtype;
-    double loss, grad_max_err, grad_cos, grad_norm, trajectory;
+    double roundoff;  /* unit roundoff: 2^-(significant bits) */
+    double loss;      /* relative, on the first loss */
+    double min_floor; /* smallest floor of a relative error */
     float loss_scale;
 } tolerance;
 
 static const tolerance tolerances[] = {
-    {KFAC_F32, 1e-4, 2e-3, 0, 0, 1e-3, 1.0f},
-    {KFAC_BF16, 2e-2, 0, 0.98, 0.10, 5e-2, 1.0f},
-    {KFAC_F16, 5e-3, 0, 0.995, 0.03, 1e-2, 1024.0f},
+    {KFAC_F32, 0x1p-24, 1e-4, 1e-5, 1.0f},
+    {KFAC_BF16, 0x1p-8, 2e-2, 1e-2, 1.0f},
+    {KFAC_F16, 0x1p-11, 5e-3, 2e-3, 1024.0f},
 };
 
-/* One model's run: gradients of the first pass, then the losses of STEPS
+typedef struct scenario {
+    const char *name;
+    int zero_init_residual;
+    int steps;     /* SGD steps after the first pass */
+    double factor; /* the GPU's error may be this many times the floor's */
+    double cap;    /* and never more than this (0: no cap) */
+} scenario;
+
+static const scenario scenarios[] = {
+    {"chaotic", 0, STEPS, 8, 0},
+    {"conditioned", 1, 0, 4, 0.5},
+};
+
+/* One model's run: gradients of the first pass, then the losses of the
  * SGD steps on the same batch. */
 typedef struct run_result {
     double loss;
@@ -57,20 +92,46 @@ typedef struct run_result {
 static float *images;
 static int32_t labels[BATCH];
 
-static kfac_status run(kfac_backend *be, float loss_scale, run_result *r)
+/* x[i] *= 1 + u * (random sign): a relative error of u in every element,
+ * as one rounding to a format of unit roundoff u makes at most. */
+static void perturb(float *x, size_t n, double u, kfac_rng *rng)
 {
+    for (size_t i = 0; i < n; i++) x[i] *= (float)(1 + (kfac_rng_below(rng, 2) ? u : -u));
+}
+
+/* The run of one model; with u > 0 its input and every parameter are
+ * first perturbed by a relative u (the CPU's noise floor). */
+static kfac_status run(kfac_backend *be, const scenario *sc, float loss_scale, double u,
+                       run_result *r)
+{
+    kfac_resnet_options opt = {.zero_init_residual = sc->zero_init_residual};
     kfac_model *m;
-    KFAC_TRY(kfac_resnet_build("resnet50", NULL, be, BATCH, 1, &m));
+    KFAC_TRY(kfac_resnet_build("resnet50", &opt, be, BATCH, 1, &m));
     int h, w, c, hits;
     kfac_model_input_shape(m, &h, &w, &c);
     size_t pixels = (size_t)BATCH * h * w * c, n = kfac_model_param_count(m);
-    kfac_status st = be->upload(be, kfac_model_input(m), images, pixels * sizeof(float));
+    float *input = malloc(pixels * sizeof(float)), *params = malloc(n * sizeof(float));
+    r->grads = malloc(n * sizeof(float));
+    kfac_status st = input && params && r->grads
+                         ? KFAC_OK
+                         : KFAC_ERR(KFAC_ENOMEM, "test_cuda_model: out of memory");
+    if (st == KFAC_OK) {
+        memcpy(input, images, pixels * sizeof(float));
+        st = be->download(be, params, kfac_model_params(m), n * sizeof(float));
+    }
+    if (st == KFAC_OK && u > 0) {
+        kfac_rng rng;
+        kfac_rng_seed(&rng, 5);
+        perturb(input, pixels, u, &rng);
+        perturb(params, n, u, &rng);
+        st = be->upload(be, kfac_model_params(m), params, n * sizeof(float));
+    }
+    if (st == KFAC_OK) st = be->upload(be, kfac_model_input(m), input, pixels * sizeof(float));
     kfac_sgd_config cfg = {.momentum = 0.9f, .weight_decay = 1e-4f};
     kfac_sgd *sgd = NULL;
     if (st == KFAC_OK) st = kfac_sgd_init(&sgd, m, &cfg);
-    r->grads = malloc(n * sizeof(float));
     kfac_model_set_loss_scale(m, loss_scale);
-    for (int step = 0; st == KFAC_OK && step <= STEPS; step++) {
+    for (int step = 0; st == KFAC_OK && step <= sc->steps; step++) {
         double loss;
         st = kfac_model_forward(m, BATCH, KFAC_MODE_TRAIN);
         if (st == KFAC_OK) st = kfac_model_loss(m, BATCH, labels, 0.0f, &loss, &hits);
@@ -86,61 +147,139 @@ static kfac_status run(kfac_backend *be, float loss_scale, run_result *r)
         } else {
             r->trajectory[step - 1] = loss / BATCH;
         }
-        if (st == KFAC_OK && step < STEPS) st = kfac_sgd_step(sgd, 0.002f);
+        if (st == KFAC_OK && step < sc->steps) st = kfac_sgd_step(sgd, 0.002f);
     }
     kfac_sgd_free(sgd);
     kfac_model_free(m);
+    free(input);
+    free(params);
     return st;
 }
 
-/* Every parameter tensor's gradient against the CPU's. */
-static void compare_grads(const kfac_model *shape, const run_result *cpu, const run_result *gpu,
-                          const tolerance *tol)
+/* ||a - b|| / ||b|| over n floats (0 when both are 0, inf when only b is). */
+static double rel_error(const float *a, const float *b, size_t n)
 {
-    double worst_err = 0, worst_cos = 1, worst_norm = 0;
-    const char *worst = "";
-    for (int t = 0; t < kfac_model_num_param_tensors(shape); t++) {
-        const kfac_param *p = kfac_model_param_tensor(shape, t);
-        const float *a = gpu->grads + p->offset, *b = cpu->grads + p->offset;
-        double max_b = 0, max_d = 0, dot = 0, na = 0, nb = 0;
-        for (size_t i = 0; i < p->count; i++) {
-            double d = fabs((double)a[i] - b[i]);
-            if (!(d <= max_d)) max_d = d; /* NaN too */
-            max_b = fmax(max_b, fabs(b[i]));
-            dot += (double)a[i] * b[i];
-            na += (double)a[i] * a[i];
-            nb += (double)b[i] * b[i];
-        }
-        if (nb == 0) {
-            CHECK(na == 0, "%s %s: gradient %g where the CPU's is 0", kfac_dtype_name(tol->dtype),
-                  p->name, sqrt(na));
-            continue;
-        }
-        double err = max_d / max_b, cosine = dot / sqrt(na * nb), norm = fabs(sqrt(na / nb) - 1);
-        if (!(cosine >= worst_cos)) worst = p->name;
-        if (tol->grad_max_err > 0) {
-            CHECK(err <= tol->grad_max_err, "%s %s: gradient max error %.3g of max |g|",
-                  kfac_dtype_name(tol->dtype), p->name, err);
-        } else {
-            CHECK(cosine >= tol->grad_cos && norm <= tol->grad_norm,
-                  "%s %s: gradient cosine %.5f, norm off by %.3g", kfac_dtype_name(tol->dtype),
-                  p->name, cosine, norm);
-        }
-        worst_err = fmax(worst_err, err);
-        worst_cos = fmin(worst_cos, cosine);
-        worst_norm = fmax(worst_norm, norm);
+    double d2 = 0, b2 = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - b[i];
+        d2 += d * d;
+        b2 += (double)b[i] * b[i];
     }
-    printf("%s: %d gradient tensors: worst max error %.3g, cosine %.5f (%s), norm %.3g\n",
-           kfac_dtype_name(tol->dtype), kfac_model_num_param_tensors(shape), worst_err, worst_cos,
-           worst, worst_norm);
+    if (d2 == 0) return 0;
+    return b2 > 0 ? sqrt(d2 / b2) : INFINITY;
+}
+
+static int all_zero(const float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (x[i] != 0) return 0;
+    return 1;
+}
+
+/* The bound on a relative error whose noise floor is `floor`. */
+static double bound(const scenario *sc, const tolerance *tol, double floor)
+{
+    double b = sc->factor * fmax(floor, tol->min_floor);
+    return sc->cap > 0 ? fmin(b, sc->cap) : b;
+}
+
+/* Every parameter tensor's gradient: the GPU's relative error against the
+ * CPU's within the bound of the floor's. */
+static void compare_grads(const kfac_model *shape, const scenario *sc, const tolerance *tol,
+                          const run_result *cpu, const run_result *floor, const run_result *gpu)
+{
+    const char *name = kfac_dtype_name(tol->dtype);
+    double worst_ratio = 0, worst_err = 0, worst_floor = 0;
+    int zero = 0, tensors = kfac_model_num_param_tensors(shape);
+    const char *worst = "";
+    for (int t = 0; t < tensors; t++) {
+        const kfac_param *p = kfac_model_param_tensor(shape, t);
+        const float *ref = cpu->grads + p->offset;
+        double err = rel_error(gpu->grads + p->offset, ref, p->count);
+        double flo = rel_error(floor->grads + p->offset, ref, p->count);
+        double b = bound(sc, tol, flo), ratio = err / b;
+        CHECK(err <= b, "%s %s %s: gradient error %.3g, floor %.3g, bound %.3g", sc->name, name,
+              p->name, err, flo, b);
+        zero += all_zero(ref, p->count);
+        if (!(ratio <= worst_ratio)) { /* NaN too */
+            worst_ratio = ratio;
+            worst_err = err;
+            worst_floor = flo;
+            worst = p->name;
+        }
+    }
+    printf("%s %s: %d gradient tensors (%d zero on the cpu): worst %s, error %.3g, floor %.3g, "
+           "%.3g of its bound\n",
+           sc->name, name, tensors, zero, worst, worst_err, worst_floor, worst_ratio);
+}
+
+/* The largest relative deviation of a trajectory from the CPU's. */
+static double trajectory_deviation(const run_result *cpu, const run_result *r, int steps)
+{
+    double worst = 0;
+    for (int s = 0; s < steps; s++) {
+        double dev = fabs(r->trajectory[s] - cpu->trajectory[s]) / cpu->trajectory[s];
+        if (!(dev <= worst)) worst = dev; /* NaN too */
+    }
+    return worst;
+}
+
+/* The losses of the SGD steps: the GPU's largest deviation from the CPU's
+ * within the bound of the floor's (per step the deviations cross zero at
+ * random, so the largest over the steps is compared); the loss halves. */
+static void compare_trajectories(const scenario *sc, const tolerance *tol, const run_result *cpu,
+                                 const run_result *floor, const run_result *gpu)
+{
+    const char *name = kfac_dtype_name(tol->dtype);
+    double dev = trajectory_deviation(cpu, gpu, sc->steps);
+    double flo = trajectory_deviation(cpu, floor, sc->steps), b = bound(sc, tol, flo);
+    double last = gpu->trajectory[sc->steps - 1];
+    CHECK(dev <= b, "%s %s: trajectory deviates by %.3g from the cpu's, floor %.3g, bound %.3g",
+          sc->name, name, dev, flo, b);
+    CHECK(last < 0.5 * gpu->loss, "%s %s: the loss falls from %.6f to %.6f", sc->name, name,
+          gpu->loss, last);
+    printf("%s %s: %d-step trajectory: last loss %.6f (cpu %.6f, floor %.6f), deviation %.3g, "
+           "floor %.3g\n",
+           sc->name, name, sc->steps, last, cpu->trajectory[sc->steps - 1],
+           floor->trajectory[sc->steps - 1], dev, flo);
+}
+
+static void check_scenario(const kfac_model *shape, kfac_backend *cpu, const scenario *sc)
+{
+    run_result ref = {0};
+    CHECK_OK(run(cpu, sc, 1.0f, 0, &ref));
+    printf("%s cpu f32: loss %.6f\n", sc->name, ref.loss);
+    for (size_t k = 0; k < sizeof tolerances / sizeof tolerances[0]; k++) {
+        const tolerance *tol = &tolerances[k];
+        const char *name = kfac_dtype_name(tol->dtype);
+        run_result floor = {0}, r = {0};
+        kfac_backend *gpu = NULL;
+        kfac_status st = run(cpu, sc, 1.0f, tol->roundoff, &floor);
+        if (st == KFAC_OK) st = kfac_backend_get("cuda", 0, &gpu);
+        if (st == KFAC_OK) st = kfac_backend_set_precision(gpu, tol->dtype);
+        if (st == KFAC_OK) st = run(gpu, sc, tol->loss_scale, 0, &r);
+        CHECK_OK(st);
+        kfac_backend_free(gpu);
+        if (st == KFAC_OK) {
+            printf("%s cuda %s: loss %.6f (cpu %.6f, floor %.6f)\n", sc->name, name, r.loss,
+                   ref.loss, floor.loss);
+            CHECK(fabs(r.loss - ref.loss) <= tol->loss * ref.loss, "%s %s: loss %.6f vs %.6f",
+                  sc->name, name, r.loss, ref.loss);
+            compare_grads(shape, sc, tol, &ref, &floor, &r);
+            if (sc->steps > 0) compare_trajectories(sc, tol, &ref, &floor, &r);
+        }
+        free(floor.grads);
+        free(r.grads);
+    }
+    if (sc->steps > 0)
+        CHECK(ref.trajectory[sc->steps - 1] < 0.5 * ref.loss, "the CPU's loss falls");
+    free(ref.grads);
 }
 
 int main(void)
 {
     TEST_REQUIRE_GPU("test_cuda_model");
-    kfac_backend *cpu = NULL, *gpu = NULL;
-    kfac_status st;
-
+    kfac_backend *cpu = NULL;
     CHECK_OK(kfac_backend_get("cpu", 0, &cpu));
     kfac_model *shape; /* the parameter table, on the CPU */
     CHECK_OK(kfac_resnet_build("resnet50", NULL, cpu, 1, 1, &shape));
@@ -153,40 +292,9 @@ int main(void)
     for (size_t i = 0; i < pixels; i++) images[i] = (float)kfac_rng_normal(&rng);
     for (int i = 0; i < BATCH; i++) labels[i] = (int32_t)kfac_rng_below(&rng, 1000);
 
-    run_result ref = {0};
-    CHECK_OK(run(cpu, 1.0f, &ref));
-    printf("cpu f32: loss %.6f, after %d steps %.6f\n", ref.loss, STEPS, ref.trajectory[STEPS - 1]);
-    CHECK(ref.trajectory[STEPS - 1] < 0.5 * ref.loss, "the CPU's loss falls on a fixed batch");
-    /* 4 images x 53 BN layers: the CPU run takes ~10 s on 2 cores. */
-    for (size_t k = 0; k < sizeof tolerances / sizeof tolerances[0]; k++) {
-        const tolerance *tol = &tolerances[k];
-        const char *name = kfac_dtype_name(tol->dtype);
-        run_result r = {0};
-        st = kfac_backend_get("cuda", 0, &gpu);
-        if (st == KFAC_OK) st = kfac_backend_set_precision(gpu, tol->dtype);
-        if (st == KFAC_OK) st = run(gpu, tol->loss_scale, &r);
-        CHECK_OK(st);
-        kfac_backend_free(gpu);
-        if (st != KFAC_OK) {
-            free(r.grads);
-            continue;
-        }
-        printf("cuda %s: loss %.6f (cpu %.6f)\n", name, r.loss, ref.loss);
-        CHECK(fabs(r.loss - ref.loss) <= tol->loss * ref.loss, "%s: loss %.6f vs %.6f", name,
-              r.loss, ref.loss);
-        compare_grads(shape, &ref, &r, tol);
-        double worst = 0;
-        for (int s = 0; s < STEPS; s++) {
-            double rel = fabs(r.trajectory[s] - ref.trajectory[s]) / ref.trajectory[s];
-            if (!(rel <= worst)) worst = rel;
-            CHECK(rel <= tol->trajectory, "%s: step %d loss %.6f vs %.6f", name, s + 1,
-                  r.trajectory[s], ref.trajectory[s]);
-        }
-        printf("cuda %s: %d-step trajectory within %.3g of the cpu's (last %.6f vs %.6f)\n", name,
-               STEPS, worst, r.trajectory[STEPS - 1], ref.trajectory[STEPS - 1]);
-        free(r.grads);
-    }
-    free(ref.grads);
+    /* A CPU run of the chaotic scenario takes ~10 s on 2 cores. */
+    for (size_t s = 0; s < sizeof scenarios / sizeof scenarios[0]; s++)
+        check_scenario(shape, cpu, &scenarios[s]);
     free(images);
     kfac_model_free(shape);
     kfac_backend_free(cpu);

@@ -479,6 +479,9 @@ static kfac_status cudnn_setup(kfac_cuda *cu)
     cu->allow_tf32 = tf32 && strcmp(tf32, "1") == 0;
     const char *det = getenv("KFAC_CUDNN_DETERMINISTIC");
     cu->deterministic = !(det && strcmp(det, "0") == 0);
+    const char *search = getenv("KFAC_CUDNN_SEARCH"), *verbose = getenv("KFAC_CUDNN_VERBOSE");
+    cu->search = search && strcmp(search, "1") == 0;
+    cu->verbose = verbose && strcmp(verbose, "1") == 0;
     return KFAC_OK;
 }
 

@@ -25,6 +25,8 @@
  *    they run no kernels and need no memory, so conv_workspace can answer
  *    at model build time, before the arena exists; and they give the same
  *    answer on every run and every rank, where Find* timings vary.
+ *    KFAC_CUDNN_SEARCH=1 ranks by the timed search instead (cudnnFind*,
+ *    which allocates its own buffers, so it too works before the arena).
  *  - the first (best-ranked) algorithm whose workspace fits WS_CAP.
  *  - backward data and filter first look among the algorithms cuDNN marks
  *    CUDNN_DETERMINISTIC (the others sum with atomics, so gradients would
@@ -242,6 +244,8 @@ static kfac_status plan_describe(conv_plan *p, const kfac_conv_desc *d, kfac_dty
     return KFAC_OK;
 }
 
+static void print_plan(const conv_plan *p);
+
 /* ---- algorithm choice ---- */
 
 typedef struct candidate {
@@ -259,31 +263,39 @@ typedef struct candidate {
         (out)[i_].math = (perf)[i_].mathType;                                              \
     }
 
-/* cuDNN's ranking for one direction, best first (at most 8 entries). */
-static kfac_status heuristics(kfac_cuda *cu, const conv_plan *p, int dir, candidate *out,
-                              int *count)
+/* cuDNN's ranking for one direction, best first (at most 8 entries): its
+ * heuristics, or with cu->search its timed search. */
+static kfac_status ranking(kfac_cuda *cu, const conv_plan *p, int dir, candidate *out, int *count)
 {
     *count = 0;
     if (dir == FWD) {
         cudnnConvolutionFwdAlgoPerf_t perf[CUDNN_CONVOLUTION_FWD_ALGO_COUNT];
-        KFAC_CUDNN_CHECK_AS("forward heuristics",
-                            cudnnGetConvolutionForwardAlgorithm_v7(
-                                cu->cudnn, p->x, p->w, p->conv, p->y,
-                                CUDNN_CONVOLUTION_FWD_ALGO_COUNT, count, perf));
+        const int n = CUDNN_CONVOLUTION_FWD_ALGO_COUNT;
+        KFAC_CUDNN_CHECK_AS("forward algorithm ranking",
+                            cu->search ? cudnnFindConvolutionForwardAlgorithm(
+                                             cu->cudnn, p->x, p->w, p->conv, p->y, n, count, perf)
+                                       : cudnnGetConvolutionForwardAlgorithm_v7(
+                                             cu->cudnn, p->x, p->w, p->conv, p->y, n, count, perf));
         COPY_PERF(perf, *count, out);
     } else if (dir == DATA) {
         cudnnConvolutionBwdDataAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT];
-        KFAC_CUDNN_CHECK_AS("backward data heuristics",
-                            cudnnGetConvolutionBackwardDataAlgorithm_v7(
-                                cu->cudnn, p->w, p->y, p->conv, p->x,
-                                CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, count, perf));
+        const int n = CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT;
+        KFAC_CUDNN_CHECK_AS("backward data algorithm ranking",
+                            cu->search ? cudnnFindConvolutionBackwardDataAlgorithm(
+                                             cu->cudnn, p->w, p->y, p->conv, p->x, n, count, perf)
+                                       : cudnnGetConvolutionBackwardDataAlgorithm_v7(
+                                             cu->cudnn, p->w, p->y, p->conv, p->x, n, count, perf));
         COPY_PERF(perf, *count, out);
     } else {
         cudnnConvolutionBwdFilterAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT];
-        KFAC_CUDNN_CHECK_AS("backward filter heuristics",
-                            cudnnGetConvolutionBackwardFilterAlgorithm_v7(
-                                cu->cudnn, p->x, p->y, p->conv, p->w,
-                                CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, count, perf));
+        const int n = CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT;
+        KFAC_CUDNN_CHECK_AS(
+            "backward filter algorithm ranking",
+            cu->search ? cudnnFindConvolutionBackwardFilterAlgorithm(cu->cudnn, p->x, p->y, p->conv,
+                                                                     p->w, n, count, perf)
+                       : cudnnGetConvolutionBackwardFilterAlgorithm_v7(cu->cudnn, p->x, p->y,
+                                                                       p->conv, p->w, n, count,
+                                                                       perf));
         COPY_PERF(perf, *count, out);
     }
     return KFAC_OK;
@@ -368,7 +380,7 @@ static kfac_status choose(kfac_cuda *cu, conv_plan *p, int dir, size_t cap)
     int nmaths = query_maths(cu, p, maths), n = 0, found = 0;
     for (int m = 0; m < nmaths; m++) {
         KFAC_CUDNN_CHECK(cudnnSetConvolutionMathType(p->conv, maths[m]));
-        KFAC_TRY(heuristics(cu, p, dir, cand, &n));
+        KFAC_TRY(ranking(cu, p, dir, cand, &n));
         KFAC_TRY(pick(cu, p, dir, cap, maths[m], cand, n, &found));
         if (found) return KFAC_OK;
     }
@@ -403,6 +415,7 @@ static kfac_status make_plan(kfac_cuda *cu, const kfac_conv_desc *d, size_t cap,
     kfac_status st = plan_describe(p, d, cu->act_dtype);
     if (st == KFAC_OK) st = choose_all(cu, p, cap);
     if (st == KFAC_OK && out) st = cache_add(cu, p);
+    if (st == KFAC_OK && out && cu->verbose) print_plan(p);
     if (st != KFAC_OK || !out) {
         plan_free(p);
         return st;
@@ -563,11 +576,9 @@ static const char *math_name(cudnnMathType_t m)
     }
 }
 
-kfac_status kfac__cudnn_conv_describe(kfac_cuda *cu, const kfac_conv_desc *d, char *buf,
-                                      size_t len)
+/* p's algorithms, math and workspace, as one line into buf. */
+static void plan_text(const conv_plan *p, char *buf, size_t len)
 {
-    conv_plan *p;
-    KFAC_TRY(plan_for_call(cu, d, &p));
     int at = snprintf(buf, len, "%s: ", kfac_dtype_name(p->dtype));
     for (int dir = 0; dir < NDIR && at >= 0 && (size_t)at < len; dir++)
         at += snprintf(buf + at, len - (size_t)at, "%s %s %s%s, ", dir == FWD ? "fwd" :
@@ -576,5 +587,20 @@ kfac_status kfac__cudnn_conv_describe(kfac_cuda *cu, const kfac_conv_desc *d, ch
                        p->determinism[dir] == CUDNN_DETERMINISTIC ? "" : " nondet");
     if (at >= 0 && (size_t)at < len)
         snprintf(buf + at, len - (size_t)at, "ws %.2f MiB", (double)plan_bytes(p) / (1 << 20));
+}
+
+static void print_plan(const conv_plan *p)
+{
+    char text[256];
+    plan_text(p, text, sizeof text);
+    fprintf(stderr, "cudnn plan " GEOM_FMT ": %s\n", GEOM_ARGS(&p->d), text);
+}
+
+kfac_status kfac__cudnn_conv_describe(kfac_cuda *cu, const kfac_conv_desc *d, char *buf,
+                                      size_t len)
+{
+    conv_plan *p;
+    KFAC_TRY(plan_for_call(cu, d, &p));
+    plan_text(p, buf, len);
     return KFAC_OK;
 }

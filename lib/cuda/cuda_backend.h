@@ -12,7 +12,16 @@
  *   KFAC_CUDNN_DETERMINISTIC=0  takes cuDNN's best-ranked backward
  *                      algorithms even where they sum with atomics
  *                      (gradients then vary in the last bits from run to
- *                      run, as PyTorch's default).  Default 1. */
+ *                      run, as PyTorch's default).  Default 1.
+ *   KFAC_CUDNN_SEARCH=1  ranks each geometry's algorithms by cuDNN's timed
+ *                      search (cudnnFind*: every candidate run once, as
+ *                      PyTorch's cudnn.benchmark) instead of its
+ *                      heuristics.  Faster picks where the heuristics rank
+ *                      badly, but timings can order near-equal algorithms
+ *                      differently from run to run, so results are then
+ *                      reproducible only within a run.  Default 0.
+ *   KFAC_CUDNN_VERBOSE=1  prints each convolution plan to stderr when it
+ *                      is made (geometry, algorithms, math, workspace). */
 #ifndef KFAC_CUDA_BACKEND_H
 #define KFAC_CUDA_BACKEND_H
 
@@ -40,6 +49,8 @@ typedef struct kfac_cuda {
     cudnnHandle_t cudnn;
     int allow_tf32;                  /* KFAC_CUDNN_TF32: see above */
     int deterministic;               /* KFAC_CUDNN_DETERMINISTIC: see above */
+    int search;                      /* KFAC_CUDNN_SEARCH: see above */
+    int verbose;                     /* KFAC_CUDNN_VERBOSE: see above */
     kfac_dtype act_dtype;            /* = the backend's act_dtype (set_precision sets both) */
     struct kfac_conv_cache *convs;   /* conv_cudnn.c: one plan per geometry */
     void *scratch;                   /* batch-norm and loss scratch, grown on demand */

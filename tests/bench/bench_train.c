@@ -17,7 +17,8 @@
  * CUDA context or library handles, as torch.cuda.max_memory_allocated).
  * --precision bf16|f16 (cuda) stores activations in 16 bits (train.precision;
  * f16 with dynamic loss scaling), reported as _cuda_bf16 / _cuda_f16;
- * under KFAC_CUDNN_DETERMINISTIC=0 the names end in _nondet.  Training on
+ * under KFAC_CUDNN_DETERMINISTIC=0 the names end in _nondet, under
+ * KFAC_CUDNN_SEARCH=1 (cuDNN's timed algorithm search) in _search.  Training on
  * cuda (f32, bf16) replays forward, loss and backward from CUDA graphs as
  * the trainer does (KFAC_CUDA_GRAPHS=0: off); the line says which
  * ("cuda_graphs": true, or the reason they are off).
@@ -83,12 +84,13 @@ static void print_cuda(const kfac_backend *be, const kfac_pass_graphs *graphs, c
     const char *precision = be->act_dtype != KFAC_F32     ? kfac_dtype_name(be->act_dtype)
                             : tf32 && !strcmp(tf32, "1") ? "tf32"
                                                           : "fp32";
-    const char *det = getenv("KFAC_CUDNN_DETERMINISTIC");
+    const char *det = getenv("KFAC_CUDNN_DETERMINISTIC"), *search = getenv("KFAC_CUDNN_SEARCH");
     double peak = be->peak_bytes ? be->peak_bytes(be) / 1048576.0 : -1;
-    printf("{\"name\": \"kfac_%s_%s_b%d_cuda_%s%s\", \"value\": %.1f, \"unit\": \"images/s\", "
-           "\"step_ms\": %.2f, \"gflops\": %.1f, \"peak_gpu_mib\": %.1f, \"cuda_graphs\": ",
-           mode, model, batch, precision, det && !strcmp(det, "0") ? "_nondet" : "", ips,
-           1e3 * batch / ips, gflops, peak);
+    printf("{\"name\": \"kfac_%s_%s_b%d_cuda_%s%s%s\", \"value\": %.1f, \"unit\": "
+           "\"images/s\", \"step_ms\": %.2f, \"gflops\": %.1f, \"peak_gpu_mib\": %.1f, "
+           "\"cuda_graphs\": ",
+           mode, model, batch, precision, det && !strcmp(det, "0") ? "_nondet" : "",
+           search && !strcmp(search, "1") ? "_search" : "", ips, 1e3 * batch / ips, gflops, peak);
     const char *off = graphs ? kfac_pass_graphs_off(graphs) : "not used";
     if (!off) {
         printf("true}\n");
