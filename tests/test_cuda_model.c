@@ -1,6 +1,6 @@
 /* test_cuda_model.c - the whole ResNet-50, CUDA backend against the CPU
  * backend (float32, the reference), for each activation precision the CUDA
- * backend has: one forward/backward on a fixed batch of 4 (the loss and
+ * backend has, and float32 with TF32 convolutions: one forward/backward on a fixed batch of 4 (the loss and
  * every parameter tensor's gradient), and a 10-step SGD loss trajectory on
  * that batch (lr 0.002, momentum 0.9: the loss falls from 7.1 to ~1.3).
  * Both models start from the same parameters (built on the host from one
@@ -17,8 +17,9 @@
  * float32 a median cosine of 0.17.  So each GPU run is judged against the
  * CPU's own sensitivity, measured in the same run: the floor is the CPU run
  * again with the input and every parameter multiplied by 1 +- u (random
- * signs), u the unit roundoff of the GPU run's precision, the error one
- * rounding per value makes at most.  A GPU error may be `factor` times the
+ * signs), u the unit roundoff of the GPU run's precision (TF32: 2^-11, its
+ * rounding of convolution inputs), the error one rounding per value makes
+ * at most.  A GPU error may be `factor` times the
  * floor's (floors below `min_floor` count as min_floor).  Over 161 tensors
  * two such floors with different signs differ by a factor of 0.7 to 1.3.
  *
@@ -55,7 +56,9 @@
 enum { BATCH = 4, STEPS = 10 };
 
 typedef struct tolerance {
+    const char *name; /* train.precision */
     kfac_dtype dtype;
+    int tf32;         /* TF32 convolutions */
     double roundoff;  /* unit roundoff: 2^-(significant bits) */
     double loss;      /* relative, on the first loss */
     double min_floor; /* smallest floor of a relative error */
@@ -63,9 +66,10 @@ typedef struct tolerance {
 } tolerance;
 
 static const tolerance tolerances[] = {
-    {KFAC_F32, 0x1p-24, 1e-4, 1e-5, 1.0f},
-    {KFAC_BF16, 0x1p-8, 2e-2, 1e-2, 1.0f},
-    {KFAC_F16, 0x1p-11, 5e-3, 2e-3, 1024.0f},
+    {"f32", KFAC_F32, 0, 0x1p-24, 1e-4, 1e-5, 1.0f},
+    {"tf32", KFAC_F32, 1, 0x1p-11, 5e-3, 2e-3, 1.0f},
+    {"bf16", KFAC_BF16, 0, 0x1p-8, 2e-2, 1e-2, 1.0f},
+    {"f16", KFAC_F16, 0, 0x1p-11, 5e-3, 2e-3, 1024.0f},
 };
 
 typedef struct scenario {
@@ -188,7 +192,7 @@ static double bound(const scenario *sc, const tolerance *tol, double floor)
 static void compare_grads(const kfac_model *shape, const scenario *sc, const tolerance *tol,
                           const run_result *cpu, const run_result *floor, const run_result *gpu)
 {
-    const char *name = kfac_dtype_name(tol->dtype);
+    const char *name = tol->name;
     double worst_ratio = 0, worst_err = 0, worst_floor = 0;
     int zero = 0, tensors = kfac_model_num_param_tensors(shape);
     const char *worst = "";
@@ -230,7 +234,7 @@ static double trajectory_deviation(const run_result *cpu, const run_result *r, i
 static void compare_trajectories(const scenario *sc, const tolerance *tol, const run_result *cpu,
                                  const run_result *floor, const run_result *gpu)
 {
-    const char *name = kfac_dtype_name(tol->dtype);
+    const char *name = tol->name;
     double dev = trajectory_deviation(cpu, gpu, sc->steps);
     double flo = trajectory_deviation(cpu, floor, sc->steps), b = bound(sc, tol, flo);
     double last = gpu->trajectory[sc->steps - 1];
@@ -251,12 +255,13 @@ static void check_scenario(const kfac_model *shape, kfac_backend *cpu, const sce
     printf("%s cpu f32: loss %.6f\n", sc->name, ref.loss);
     for (size_t k = 0; k < sizeof tolerances / sizeof tolerances[0]; k++) {
         const tolerance *tol = &tolerances[k];
-        const char *name = kfac_dtype_name(tol->dtype);
+        const char *name = tol->name;
         run_result floor = {0}, r = {0};
         kfac_backend *gpu = NULL;
         kfac_status st = run(cpu, sc, 1.0f, tol->roundoff, &floor);
         if (st == KFAC_OK) st = kfac_backend_get("cuda", 0, &gpu);
         if (st == KFAC_OK) st = kfac_backend_set_precision(gpu, tol->dtype);
+        if (st == KFAC_OK) st = kfac_backend_set_tf32(gpu, tol->tf32);
         if (st == KFAC_OK) st = run(gpu, sc, tol->loss_scale, 0, &r);
         CHECK_OK(st);
         kfac_backend_free(gpu);

@@ -3,7 +3,9 @@
  * compare.  Errors are max|gpu - cpu| / max(max|cpu|, 1e-6) per output.
  *
  * Each test runs three times, on a CUDA backend whose activations are
- * float32, then bf16, then fp16 (kfac_backend_set_precision).  In the
+ * float32, then bf16, then fp16 (kfac_backend_set_precision); the
+ * convolutions run a fourth time, float32 with TF32 tensor cores allowed
+ * (kfac_backend_set_tf32, train.precision tf32).  In the
  * 16-bit passes the float32 random inputs are uploaded, converted on the
  * device (be->convert) into 16-bit activations, and rounded on the host to
  * the same values (round to nearest even, checked bit for bit by
@@ -40,6 +42,11 @@
  *                  Products and sums are float, so the length of the
  *                  reduction hardly matters.  db is float from the same
  *                  16-bit dy (TOL_CONV).
+ *   TOL_CONV_TF32 2e-3  TF32 convolutions: cuDNN rounds x, w and dy to a
+ *                  10-bit mantissa (u = 2^-11) for the products, so each
+ *                  product is off by up to 2u and a sum of them by ~2u of
+ *                  its terms' scale; 4u, as fp16's (an H100 gave 3.7e-4
+ *                  at most).  db is float (TOL_CONV).
  *   Conversions must be bit-exact round-to-nearest-even (subnormal fp16
  *   included), scale_grads bit-exact float products.
  *
@@ -69,6 +76,7 @@
 #define TOL_XENT_F16 7.0e-4
 #define TOL_CONV_BF16 1.6e-2 /* 4u: cuDNN output, bias on the rounded output, 16-bit tiles */
 #define TOL_CONV_F16 2.0e-3
+#define TOL_CONV_TF32 2.0e-3 /* 4u of TF32's 2^-11 (derivation above) */
 
 static unsigned long long seed = 7;
 /* gpu: the CUDA backend under test; its act_dtype is the pass's precision. */
@@ -99,6 +107,9 @@ static float *rnd(size_t n, double scale, double offset)
 /* ---- 16-bit values on the host ---- */
 
 static kfac_dtype prec(void) { return gpu->act_dtype; }
+/* The pass: float32 activations with TF32 convolutions. */
+static int tf32_pass;
+static const char *pass_name(void) { return tf32_pass ? "tf32" : kfac_dtype_name(prec()); }
 
 /* The tolerance of the pass's precision. */
 static double tol3(double f32, double bf16, double f16)
@@ -106,6 +117,8 @@ static double tol3(double f32, double bf16, double f16)
     return prec() == KFAC_BF16 ? bf16 : prec() == KFAC_F16 ? f16 : f32;
 }
 #define TOL(op) tol3(TOL_##op, TOL_##op##_BF16, TOL_##op##_F16)
+/* Convolution outputs: TOL_CONV* or, in the TF32 pass, TOL_CONV_TF32. */
+#define CONV_TOL() (tf32_pass ? TOL_CONV_TF32 : TOL(CONV))
 
 static uint16_t bf16_rne(float f)
 {
@@ -195,8 +208,8 @@ static void compare_host(const char *what, const float *got, const float *ref, s
     double *refd = malloc(n * sizeof *refd);
     for (size_t i = 0; i < n; i++) refd[i] = ref[i];
     double err = test_max_rel_err(got, refd, n, ERR_FLOOR);
-    printf("  %s %-50s max rel err %.2e (tol %.1e)\n", kfac_dtype_name(prec()), what, err, tol);
-    CHECK(err <= tol, "%s %s: error %.3e > %.1e", kfac_dtype_name(prec()), what, err, tol);
+    printf("  %s %-50s max rel err %.2e (tol %.1e)\n", pass_name(), what, err, tol);
+    CHECK(err <= tol, "%s %s: error %.3e > %.1e", pass_name(), what, err, tol);
     free(refd);
 }
 
@@ -512,7 +525,7 @@ static void conv_check_forward(const conv_case *t, const kfac_conv_desc *d, cons
         REQUIRE_OK(cpu->conv_forward(cpu, d, t->x, t->w, b, y, t->cpu_ws));
         REQUIRE_OK(gpu->conv_forward(gpu, d, t->d_x, t->d_w, d_b, d_y, t->gpu_ws));
         snprintf(what, sizeof what, "conv fwd %s%s", tag, with_bias ? " +bias" : "");
-        compare_act(what, d_y, y, ny, TOL(CONV)); /* TOL_CONV* */
+        compare_act(what, d_y, y, ny, CONV_TOL()); /* TOL_CONV* */
     }
     free(y);
 }
@@ -532,9 +545,9 @@ static void conv_check_backward(const conv_case *t, const kfac_conv_desc *d, con
         REQUIRE_OK(gpu->conv_backward(gpu, d, t->d_x, t->d_w, t->d_dy, d_dx, acc, d_dw, d_db,
                                        t->gpu_ws));
         snprintf(what, sizeof what, "conv bwd %s dx%s", tag, acc ? " (acc)" : "");
-        compare_act(what, d_dx, dx, nx, TOL(CONV)); /* TOL_CONV* */
+        compare_act(what, d_dx, dx, nx, CONV_TOL()); /* TOL_CONV* */
         snprintf(what, sizeof what, "conv bwd %s dw", tag);
-        compare(what, d_dw, dw, t->nw, TOL(CONV)); /* TOL_CONV*: float, rounded by cuDNN */
+        compare(what, d_dw, dw, t->nw, CONV_TOL()); /* TOL_CONV*: float, rounded by cuDNN */
         snprintf(what, sizeof what, "conv bwd %s db", tag);
         compare(what, d_db, db, k, TOL_CONV); /* TOL_CONV: float sums of the same dy */
         REQUIRE_OK(gpu->upload(gpu, d_dw, junk_w, t->nw * sizeof *junk_w));
@@ -546,7 +559,7 @@ static void conv_check_backward(const conv_case *t, const kfac_conv_desc *d, con
     REQUIRE_OK(gpu->conv_backward(gpu, d, t->d_x, t->d_w, t->d_dy, NULL, 0, d_dw, NULL,
                                   t->gpu_ws));
     snprintf(what, sizeof what, "conv bwd %s dw only", tag);
-    compare(what, d_dw, dw, t->nw, TOL(CONV)); /* TOL_CONV* */
+    compare(what, d_dw, dw, t->nw, CONV_TOL()); /* TOL_CONV* */
     free(dw); free(db); free(junk_w); free(junk_b);
 }
 
@@ -809,6 +822,19 @@ int main(void)
         kfac_backend_free(gpu);
         gpu = NULL;
     }
+    /* TF32: a fresh float32 backend with TF32 allowed, convolutions only
+     * (the other operations have no tensor-core path). */
+    REQUIRE_OK(kfac_backend_get("cuda", 0, &gpu));
+    REQUIRE_OK(kfac_backend_set_tf32(gpu, 1));
+    tf32_pass = 1;
+    printf("test_cuda_ops: activations f32, TF32 convolutions\n");
+    test_convs();
+    CHECK(kfac_backend_set_tf32(gpu, 0) == KFAC_EINVAL, "set_tf32(0) after planning");
+    CHECK_OK(kfac_backend_set_tf32(gpu, 1));
+    for (int i = 0; i < dev_count; i++) gpu->release(gpu, dev_ptrs[i]);
+    dev_count = 0;
+    kfac_backend_free(gpu);
+    gpu = NULL;
     kfac_backend_free(cpu);
     return test_summary("test_cuda_ops");
 }

@@ -1,7 +1,7 @@
 /* test_cuda_train.c - the same short training run (resnet8-fmnist, SGD,
  * 12 steps of 32 images with augmentation, then evaluation) through
  * kfac_train_run on train.device cpu, and on cuda with train.precision
- * f32, bf16 and f16: the epoch's train loss, test loss and accuracy, and
+ * f32, bf16, f16 and tf32: the epoch's train loss, test loss and accuracy, and
  * every trained parameter must agree with the cpu run's.
  *
  * Tolerances against the cpu (f32) run:
@@ -16,7 +16,9 @@
  *     trained alike), losses 3e-2 and 1e-2, accuracy 5% and 3%;
  *     f16's loss scale starts at 2^10 (train.loss_scale), where no gradient
  *     of so small a model overflows (skipped_steps 0; a skipped step would
- *     make the parameters incomparable).
+ *     make the parameters incomparable);
+ *   cuda tf32: as f16 (TF32 rounds convolution inputs to f16's 11
+ *     significant bits; activations stay float32).
  * The f32 and bf16 runs replay their passes from CUDA graphs (the default;
  * graph_passes must count them); a bf16 run with train.cuda_graphs false
  * must give bit for bit the same parameters as the bf16 run with graphs
@@ -48,6 +50,7 @@ static const config configs[] = {
     {"cuda", "bf16", 1, 8e-2, 3e-2, 0.05},
     {"cuda", "f16", 1, 6e-2, 1e-2, 0.03},
     {"cuda", "bf16", 0, 8e-2, 3e-2, 0.05},
+    {"cuda", "tf32", 1, 6e-2, 1e-2, 0.03},
 };
 enum { CONFIGS = sizeof configs / sizeof configs[0] };
 

@@ -176,9 +176,10 @@ static const key_spec KEYS[] = {
     KEY(train, threads, T_INT, "0", AT_LEAST(0), "compute threads (0: all cores)"),
     KEY(train, device, T_STR, "cpu", ONE_OF("cpu|cuda"),
         "compute backend: cpu, or cuda (the first GPU CUDA_VISIBLE_DEVICES shows; one rank, SGD, for now)"),
-    KEY(train, precision, T_STR, "f32", ONE_OF("f32|bf16|f16"),
-        "activation storage: f32, or bf16 / f16 on cuda (float32 weights and arithmetic; f16 "
-        "with dynamic loss scaling)"),
+    KEY(train, precision, T_STR, "f32", ONE_OF("f32|tf32|bf16|f16"),
+        "activation storage: f32, or on cuda tf32 (f32 with TF32 tensor-core convolutions, "
+        "PyTorch's default) or bf16 / f16 (float32 weights and arithmetic; f16 with dynamic "
+        "loss scaling)"),
     KEY(train, loss_scale, T_FLOAT, "65536", ABOVE(0),
         "f16: the initial loss scale (halved, and the step skipped, when a gradient overflows; "
         "doubled after 2000 good steps)"),

@@ -53,3 +53,22 @@ kfac_status kfac_backend_set_precision(kfac_backend *be, kfac_dtype t)
                         be->name, kfac_dtype_name(t));
     return be->set_precision(be, t);
 }
+
+kfac_status kfac_backend_set_tf32(kfac_backend *be, int on)
+{
+    if (!be->set_tf32) {
+        if (!on) return KFAC_OK;
+        return KFAC_ERR(KFAC_ENOTSUP, "backend '%s' has no TF32 (tf32 needs device cuda)",
+                        be->name);
+    }
+    return be->set_tf32(be, on);
+}
+
+kfac_status kfac_backend_set_precision_name(kfac_backend *be, const char *name)
+{
+    int tf32 = strcmp(name, "tf32") == 0;
+    kfac_dtype t;
+    KFAC_TRY(kfac_dtype_parse(tf32 ? "f32" : name, &t));
+    KFAC_TRY(kfac_backend_set_precision(be, t));
+    return kfac_backend_set_tf32(be, tf32);
+}

@@ -531,7 +531,7 @@ static kfac_status check_device(const trainer *t)
     if (strcmp(job->train.device, "cuda") != 0) {
         if (strcmp(job->train.precision, "f32") != 0)
             return KFAC_ERR(KFAC_ENOTSUP, "train.precision %s needs train.device cuda (the cpu "
-                            "device stores activations in f32)", job->train.precision);
+                            "device computes in f32 only)", job->train.precision);
         return KFAC_OK;
     }
     if (strcmp(job->optimizer.name, "sgd") != 0)
@@ -566,10 +566,8 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
     KFAC_TRY(plan_slices(t));
     KFAC_TRY(check_device(t));
     KFAC_TRY(kfac_backend_get(job->train.device, job->train.threads, &t->be));
-    kfac_dtype precision;
-    KFAC_TRY(kfac_dtype_parse(job->train.precision, &precision));
-    KFAC_TRY(kfac_backend_set_precision(t->be, precision));
-    if (precision == KFAC_F16) {
+    KFAC_TRY(kfac_backend_set_precision_name(t->be, job->train.precision));
+    if (t->be->act_dtype == KFAC_F16) {
         kfac_loss_scale_init(&t->loss_scale, job->train.loss_scale,
                              KFAC_LOSS_SCALE_GROWTH_INTERVAL);
         t->scaled = 1;

@@ -202,6 +202,19 @@ static kfac_status cuda_set_precision(kfac_backend *be, kfac_dtype t)
     return KFAC_OK;
 }
 
+/* Like the type, the math of cuDNN plans is fixed once one exists. */
+static kfac_status cuda_set_tf32(kfac_backend *be, int on)
+{
+    kfac_cuda *cu = kfac__cuda(be);
+    on = on != 0;
+    if (on == cu->allow_tf32) return KFAC_OK;
+    if (kfac__cudnn_conv_plans(cu) > 0)
+        return KFAC_ERR(KFAC_EINVAL, "cuda: cannot turn TF32 %s after convolutions were "
+                        "planned (set it before building a model)", on ? "on" : "off");
+    cu->allow_tf32 = on;
+    return KFAC_OK;
+}
+
 static kfac_status cuda_convert(kfac_backend *be, size_t n, const void *src, kfac_dtype src_t,
                                 void *dst, kfac_dtype dst_t)
 {
@@ -538,6 +551,7 @@ kfac_status kfac_backend_cuda_init(int device, kfac_backend **out)
     be->act_dtype = KFAC_F32;
     cu->act_dtype = KFAC_F32;
     be->set_precision = cuda_set_precision;
+    be->set_tf32 = cuda_set_tf32;
     be->convert = cuda_convert;
     be->alloc = cuda_alloc;
     be->release = cuda_release;

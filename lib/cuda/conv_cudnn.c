@@ -245,6 +245,7 @@ static kfac_status plan_describe(conv_plan *p, const kfac_conv_desc *d, kfac_dty
 }
 
 static void print_plan(const conv_plan *p);
+static void note_nondeterminism(kfac_cuda *cu, const conv_plan *p, size_t cap);
 
 /* ---- algorithm choice ---- */
 
@@ -416,6 +417,7 @@ static kfac_status make_plan(kfac_cuda *cu, const kfac_conv_desc *d, size_t cap,
     if (st == KFAC_OK) st = choose_all(cu, p, cap);
     if (st == KFAC_OK && out) st = cache_add(cu, p);
     if (st == KFAC_OK && out && cu->verbose) print_plan(p);
+    if (st == KFAC_OK && out) note_nondeterminism(cu, p, cap);
     if (st != KFAC_OK || !out) {
         plan_free(p);
         return st;
@@ -594,6 +596,24 @@ static void print_plan(const conv_plan *p)
     char text[256];
     plan_text(p, text, sizeof text);
     fprintf(stderr, "cudnn plan " GEOM_FMT ": %s\n", GEOM_ARGS(&p->d), text);
+}
+
+/* Determinism is the default, so losing it is said once per backend, on
+ * stderr as cuDNN's own messages (float32 NHWC geometries of ResNet-50 at
+ * batch 256 have no deterministic backward-data algorithm within WS_CAP on
+ * an H100 with cuDNN 9.19). */
+static void note_nondeterminism(kfac_cuda *cu, const conv_plan *p, size_t cap)
+{
+    for (int dir = DATA; dir < NDIR && cu->deterministic && !cu->nondet_noted; dir++) {
+        if (p->determinism[dir] == CUDNN_DETERMINISTIC) continue;
+        cu->nondet_noted = 1;
+        fprintf(stderr, "kfac: cudnn: " GEOM_FMT " in %s has no deterministic backward %s "
+                "algorithm within %.0f MiB of workspace; %s sums with atomics, so results may "
+                "vary in the last bits from run to run (other such layers are not reported; "
+                "KFAC_CUDNN_VERBOSE=1 lists every plan)\n", GEOM_ARGS(&p->d),
+                kfac_dtype_name(p->dtype), dir == DATA ? "data" : "filter", (double)cap / (1 << 20),
+                algo_name(dir, p->algo[dir]));
+    }
 }
 
 kfac_status kfac__cudnn_conv_describe(kfac_cuda *cu, const kfac_conv_desc *d, char *buf,

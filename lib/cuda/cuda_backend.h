@@ -7,8 +7,9 @@
  * Environment (read once, when the backend is created):
  *   KFAC_CUDNN_TF32=1  lets cuDNN convolutions use TF32 tensor cores (10-bit
  *                      mantissa products, ~1e-3 relative error, several
- *                      times faster).  Default off: convolutions are plain
- *                      fp32 FMA, so they match the CPU backend to ~1e-6.
+ *                      times faster), as kfac_backend_set_tf32 does (and
+ *                      train.precision tf32).  Default off: convolutions are
+ *                      plain fp32 FMA, so they match the CPU backend to ~1e-6.
  *   KFAC_CUDNN_DETERMINISTIC=0  takes cuDNN's best-ranked backward
  *                      algorithms even where they sum with atomics
  *                      (gradients then vary in the last bits from run to
@@ -51,6 +52,7 @@ typedef struct kfac_cuda {
     int deterministic;               /* KFAC_CUDNN_DETERMINISTIC: see above */
     int search;                      /* KFAC_CUDNN_SEARCH: see above */
     int verbose;                     /* KFAC_CUDNN_VERBOSE: see above */
+    int nondet_noted;                /* a nondeterministic fallback was reported */
     kfac_dtype act_dtype;            /* = the backend's act_dtype (set_precision sets both) */
     struct kfac_conv_cache *convs;   /* conv_cudnn.c: one plan per geometry */
     void *scratch;                   /* batch-norm and loss scratch, grown on demand */

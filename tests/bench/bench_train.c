@@ -3,7 +3,7 @@
  *   {"name": ..., "value": ..., "unit": ..., ...}
  * Usage: bench_train [--model NAME] [--batch N] [--mode train|infer|sgemm]
  *                    [--optimizer sgd|kfac] [--threads T] [--seconds S]
- *                    [--device cpu|cuda] [--precision f32|bf16|f16]
+ *                    [--device cpu|cuda] [--precision f32|tf32|bf16|f16]
  * With --optimizer kfac the step is K-FAC's with its default refresh
  * intervals (averaged over at least one full inverse interval), and the
  * seconds spent in its stages are reported beside images/s.
@@ -11,8 +11,8 @@
  * configuration per process to compare it).
  *
  * --device cuda (SGD, train or infer): the same step on the CUDA backend,
- * reported as kfac_{mode}_{model}_b{batch}_cuda_fp32 (_tf32 under
- * KFAC_CUDNN_TF32=1) with the backend's peak device memory (model arena
+ * reported as kfac_{mode}_{model}_b{batch}_cuda_fp32 (_tf32 with --precision
+ * tf32 or under KFAC_CUDNN_TF32=1: TF32 tensor-core convolutions) with the backend's peak device memory (model arena
  * with cuDNN workspace, parameters, gradients, momentum, scratch; not the
  * CUDA context or library handles, as torch.cuda.max_memory_allocated).
  * --precision bf16|f16 (cuda) stores activations in 16 bits (train.precision;
@@ -64,7 +64,7 @@ static int usage(const char *why)
     if (why) fprintf(stderr, "bench_train: %s\n", why);
     fprintf(stderr, "usage: bench_train [--model M] [--batch N] [--mode train|infer|sgemm] "
                     "[--optimizer sgd|kfac] [--threads T] [--seconds S] [--device cpu|cuda] "
-                    "[--precision f32|bf16|f16]\n");
+                    "[--precision f32|tf32|bf16|f16]\n");
     return 2;
 }
 
@@ -78,10 +78,11 @@ static kfac_status finish(kfac_backend *be, kfac_model *m)
 /* The CUDA figure's line; precision: the activations' type, and for f32 how
  * the backend runs its convolutions. */
 static void print_cuda(const kfac_backend *be, const kfac_pass_graphs *graphs, const char *mode,
-                       const char *model, int batch, double ips, double gflops)
+                       const char *model, int batch, const char *precision_name, double ips,
+                       double gflops)
 {
     const char *tf32 = getenv("KFAC_CUDNN_TF32");
-    const char *precision = be->act_dtype != KFAC_F32     ? kfac_dtype_name(be->act_dtype)
+    const char *precision = strcmp(precision_name, "f32") ? precision_name
                             : tf32 && !strcmp(tf32, "1") ? "tf32"
                                                           : "fp32";
     const char *det = getenv("KFAC_CUDNN_DETERMINISTIC"), *search = getenv("KFAC_CUDNN_SEARCH");
@@ -155,10 +156,12 @@ int main(int argc, char **argv)
     kfac_backend *be;
     kfac_model *m;
     kfac_sgd *sgd;
-    kfac_dtype act;
-    if (kfac_dtype_parse(precision, &act)) return usage("--precision: f32, bf16 or f16");
+    if (strcmp(precision, "f32") && strcmp(precision, "tf32") && strcmp(precision, "bf16") &&
+        strcmp(precision, "f16"))
+        return usage("--precision: f32, tf32, bf16 or f16");
     if (kfac_backend_get(device, threads, &be)) return die("backend");
-    if (kfac_backend_set_precision(be, act)) return die("precision");
+    if (kfac_backend_set_precision_name(be, precision)) return die("precision");
+    const kfac_dtype act = be->act_dtype;
     kfac_loss_scale scaler; /* f16, as a GradScaler */
     kfac_loss_scale_init(&scaler, KFAC_LOSS_SCALE_INITIAL, KFAC_LOSS_SCALE_GROWTH_INTERVAL);
     if (kfac_resnet_build(model_name, NULL, be, batch, 1, &m)) return die("model");
@@ -229,7 +232,7 @@ int main(int argc, char **argv)
     double gflops = ips * macs * 2 * (train ? 3 : 1) / 1e9;
     double elapsed = now() - t0;
     if (gpu) {
-        print_cuda(be, graphs, mode, model_name, batch, ips, gflops);
+        print_cuda(be, graphs, mode, model_name, batch, precision, ips, gflops);
     } else {
         printf("{\"name\": \"kfac_%s%s_%s_b%d\", \"value\": %.1f, \"unit\": \"images/s\", "
                "\"step_ms\": %.2f, \"gflops\": %.1f, \"peak_rss_mib\": %.1f, \"threads\": %d",

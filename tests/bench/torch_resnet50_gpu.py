@@ -8,6 +8,9 @@ steps (torch.cuda.max_memory_allocated: tensors, not the CUDA context).
   --precision fp32  fp32 with TF32 off in cuDNN and cuBLAS: the like-for-like
                     peer of our fp32 CUDA backend (contiguous NCHW, PyTorch's
                     default layout, unless --memory-format says otherwise)
+  --precision tf32  fp32 with TF32 convolutions (PyTorch's default for cuDNN;
+                    matmuls stay fp32) and channels_last: the peer of our
+                    train.precision tf32 (NHWC)
   --precision bf16  autocast bf16 + channels_last, PyTorch's other settings
                     left at their defaults: the goal peer
 
@@ -16,7 +19,7 @@ reference training script; the warm-up steps absorb its searches.  Timed
 steps end with torch.cuda.synchronize().  Exit 2 when CUDA is unavailable.
 
 usage: torch_resnet50_gpu.py [--mode train|infer] [--batch N]
-           [--precision fp32|bf16] [--seconds S] [--warmup N]
+           [--precision fp32|tf32|bf16] [--seconds S] [--warmup N]
            [--memory-format auto|channels_last|contiguous] [--no-cudnn-benchmark]
 """
 import argparse
@@ -46,6 +49,16 @@ def tf32_off(torch):
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
+def tf32_convs(torch):
+    """PyTorch's default: TF32 in cuDNN convolutions, not in matmuls."""
+    if new_tf32_api(torch):
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    else:
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def tf32_state(torch):
     """The TF32 settings of convolutions and matmuls, as the JSON reports them:
     fp32_precision strings ("ieee": no TF32) or the older booleans."""
@@ -60,7 +73,7 @@ def parse():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=("train", "infer"), default="train")
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    ap.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="bf16")
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--lr", type=float, default=0.1)
@@ -83,10 +96,12 @@ def main():
              f"{torch.version.cuda}): no GPU on this machine")
     fmt_name = a.memory_format
     if fmt_name == "auto":
-        fmt_name = "channels_last" if a.precision == "bf16" else "contiguous"
+        fmt_name = "contiguous" if a.precision == "fp32" else "channels_last"
     fmt = torch.channels_last if fmt_name == "channels_last" else torch.contiguous_format
     if a.precision == "fp32":
         tf32_off(torch)
+    elif a.precision == "tf32":
+        tf32_convs(torch)
     torch.backends.cudnn.benchmark = not a.no_cudnn_benchmark
     dev = torch.device("cuda")
     torch.manual_seed(0)

@@ -28,6 +28,8 @@ expect_error "ImageNet job without its dataset" "staging: /datasets/imagenet-hdf
 check "a job that cannot run leaves no output" test ! -e "$tmp/imagenet"
 expect_error "16-bit precision on the cpu" "train.precision bf16 needs train.device cuda" \
   train "$tmp/ok.yaml" --set train.precision=bf16 --set output.dir="$tmp/bf16"
+expect_error "tf32 on the cpu" "train.precision tf32 needs train.device cuda" \
+  train "$tmp/ok.yaml" --set train.precision=tf32 --set output.dir="$tmp/tf32"
 expect_error "unknown precision" "--set train.precision: .*f32\|bf16\|f16" \
   train "$tmp/ok.yaml" --set train.precision=fp8
 summary

@@ -24,7 +24,10 @@
  * act_dtype they point at 16-bit values.  Arithmetic is float32 inside
  * every operation (tensor-core products accumulate in float32), as
  * PyTorch's autocast: convolutions round the float32 weights to act_dtype
- * for the product and return float32 weight gradients.
+ * for the product and return float32 weight gradients.  With float32
+ * activations, kfac_backend_set_tf32 lets convolutions round their inputs
+ * to TF32 (10-bit mantissa) for tensor-core products, as PyTorch does for
+ * float32 convolutions by default; off by default here.
  *
  * Backward operations *accumulate* into input gradients when `accumulate`
  * is nonzero (a tensor read by two layers, e.g. a residual block's input),
@@ -75,6 +78,9 @@ struct kfac_backend {
      * model built on the backend keeps the type it was built with).  NULL:
      * float32 only (CPU). */
     kfac_status (*set_precision)(kfac_backend *be, kfac_dtype t);
+    /* Lets float32 convolutions use TF32 tensor cores (on != 0) or not;
+     * same restriction.  NULL: the backend has no TF32 (CPU). */
+    kfac_status (*set_tf32)(kfac_backend *be, int on);
     /* dst[i] = src[i] for n values of the given types (round to nearest
      * even when narrowing).  NULL where act_dtype can only be float32. */
     kfac_status (*convert)(kfac_backend *be, size_t n, const void *src, kfac_dtype src_t,
@@ -200,6 +206,14 @@ void kfac_backend_free(kfac_backend *be);
 /* Sets the backend's activation type (before building a model on it);
  * KFAC_ENOTSUP, with the reason, where the backend has only float32. */
 kfac_status kfac_backend_set_precision(kfac_backend *be, kfac_dtype t);
+
+/* Lets float32 convolutions use TF32 tensor cores (before building a
+ * model); KFAC_ENOTSUP where the backend has none. */
+kfac_status kfac_backend_set_tf32(kfac_backend *be, int on);
+
+/* Sets activation type and TF32 from a precision name: f32, tf32 (f32
+ * activations, TF32 convolutions), bf16 or f16 (train.precision). */
+kfac_status kfac_backend_set_precision_name(kfac_backend *be, const char *name);
 
 /* Backend constructors (used by kfac_backend_get). */
 kfac_status kfac_backend_cpu_init(int threads, kfac_backend **out);

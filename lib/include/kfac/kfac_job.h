@@ -95,7 +95,7 @@ typedef struct kfac_job {
         uint64_t seed;
         int threads;                /* compute threads (0: all cores) */
         char device[KFAC_JOB_STR];  /* cpu | cuda */
-        char precision[KFAC_JOB_STR]; /* f32 | bf16 | f16: activation storage */
+        char precision[KFAC_JOB_STR]; /* f32 | tf32 | bf16 | f16: activations, convolutions */
         float loss_scale;           /* f16: initial dynamic loss scale */
         float label_smoothing;
         int max_steps;              /* stop after this many steps in total (0: no limit) */
