@@ -70,5 +70,5 @@ kfac_status kfac_backend_set_precision_name(kfac_backend *be, const char *name)
     kfac_dtype t;
     KFAC_TRY(kfac_dtype_parse(tf32 ? "f32" : name, &t));
     KFAC_TRY(kfac_backend_set_precision(be, t));
-    return kfac_backend_set_tf32(be, tf32);
+    return tf32 ? kfac_backend_set_tf32(be, 1) : KFAC_OK;
 }

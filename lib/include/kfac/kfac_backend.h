@@ -211,8 +211,10 @@ kfac_status kfac_backend_set_precision(kfac_backend *be, kfac_dtype t);
  * model); KFAC_ENOTSUP where the backend has none. */
 kfac_status kfac_backend_set_tf32(kfac_backend *be, int on);
 
-/* Sets activation type and TF32 from a precision name: f32, tf32 (f32
- * activations, TF32 convolutions), bf16 or f16 (train.precision). */
+/* Sets the activation type from a precision name (train.precision): f32,
+ * tf32 (f32 activations, and TF32 convolutions turned on), bf16 or f16.
+ * Other names leave TF32 as the backend has it (CUDA: off unless
+ * KFAC_CUDNN_TF32=1). */
 kfac_status kfac_backend_set_precision_name(kfac_backend *be, const char *name);
 
 /* Backend constructors (used by kfac_backend_get). */
