@@ -40,22 +40,14 @@ def new_tf32_api(torch):
     return conv is not None and hasattr(conv, "fp32_precision")
 
 
-def tf32_off(torch):
+def set_tf32(torch, convs):
+    """TF32 in cuDNN convolutions (convs) or nowhere; never in matmuls (PyTorch's
+    default is convs=True)."""
     if new_tf32_api(torch):
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if convs else "ieee"
         torch.backends.cuda.matmul.fp32_precision = "ieee"
     else:
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-
-def tf32_convs(torch):
-    """PyTorch's default: TF32 in cuDNN convolutions, not in matmuls."""
-    if new_tf32_api(torch):
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-    else:
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = convs
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
@@ -98,10 +90,8 @@ def main():
     if fmt_name == "auto":
         fmt_name = "contiguous" if a.precision == "fp32" else "channels_last"
     fmt = torch.channels_last if fmt_name == "channels_last" else torch.contiguous_format
-    if a.precision == "fp32":
-        tf32_off(torch)
-    elif a.precision == "tf32":
-        tf32_convs(torch)
+    if a.precision in ("fp32", "tf32"):
+        set_tf32(torch, a.precision == "tf32")
     torch.backends.cudnn.benchmark = not a.no_cudnn_benchmark
     dev = torch.device("cuda")
     torch.manual_seed(0)
