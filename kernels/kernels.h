@@ -106,6 +106,70 @@ cudaError_t kfac_k_softmax_xent(kfac_dtype t, int n, int classes, const void *lo
                                 void *dlogits, kfac_k_xent_result *result, void *scratch,
                                 cudaStream_t stream);
 
+/* ---- kfac.cu ---- (K-FAC's stages beside cuBLAS/cuSOLVER, lib/cuda/kfac_cuda.c;
+ * packed = LAPACK 'U' packed, full matrices n x n row-major) */
+/* cols(rows, KH*KW*C) = the im2col patch rows [row0, row0+rows) of x
+ * (NHWC, geometry d), in (r, s, c) order with zero padding. */
+cudaError_t kfac_k_im2col(kfac_dtype t, const kfac_conv_desc *d, size_t row0, size_t rows,
+                          const void *x, void *cols, cudaStream_t stream);
+/* Doubles of `partial` kfac_k_colsum needs for n columns. */
+size_t kfac_k_colsum_partial_doubles(int n);
+/* sums[j] += sum over the rows of a (rows x n) of a(row, j), in double and
+ * a fixed order. */
+cudaError_t kfac_k_colsum(kfac_dtype t, size_t rows, int n, const void *a, double *partial,
+                          double *sums, cudaStream_t stream);
+/* Packed order n (n+1 when sums != NULL) from the upper triangle of the
+ * column-major n x n `gram` (gram[i + j*n], i <= j, as syrk writes it):
+ * packed(i, j) = scale * gram(i, j); with sums, the appended column is
+ * (i, n) = scale * sums[i], (n, n) = scale * rows. */
+cudaError_t kfac_k_pack_gram(int n, const float *gram, float scale, const double *sums,
+                             size_t rows, float *packed, cudaStream_t stream);
+/* full = the symmetric n x n matrix of packed, + shift on the diagonal. */
+cudaError_t kfac_k_unpack(int n, const float *packed, float shift, float *full,
+                          cudaStream_t stream);
+/* a(i, j) = a(j, i) for j > i: copies the row-major lower triangle of the
+ * n x n `a` onto its upper one. */
+cudaError_t kfac_k_mirror_lower(int n, float *a, cudaStream_t stream);
+/* out(i, j) = in(j, i) for n x n matrices (out != in). */
+cudaError_t kfac_k_transpose(int n, const float *in, float *out, cudaStream_t stream);
+/* v[i] = 0 where v[i] < 0. */
+cudaError_t kfac_k_clamp_negative(int n, float *v, cudaStream_t stream);
+/* b(i, k) = q(i, k) * sqrt(1 / (d[k] + shift)) for n x n row-major q, b. */
+cudaError_t kfac_k_scale_columns(int n, const float *q, const float *d, float shift, float *b,
+                                 cudaStream_t stream);
+/* v(i, j) /= dg[i] * da[j] + lambda for k x d row-major v. */
+cudaError_t kfac_k_eig_divide(int k, int d, const float *dg, const float *da, float lambda,
+                              float *v, cudaStream_t stream);
+/* y = alpha x + beta y over n floats; y is not read when beta == 0, x not
+ * when alpha == 0 (both 0: y = 0). */
+cudaError_t kfac_k_axpby(size_t n, float alpha, const float *x, float beta, float *y,
+                         cudaStream_t stream);
+/* Double-precision reductions into work (KFAC_K_REDUCE_DOUBLES doubles,
+ * the results in work[0] and work[1]), deterministic for a given size:
+ *   dot:           work[0] = sum a[i] b[i]
+ *   packed_trace:  work[0] = sum of the diagonal of packed order n
+ *   factor_change: work[0] = sum w (new - old)^2, work[1] = sum w old^2,
+ *                  w = 1 on the diagonal, 2 off it. */
+#define KFAC_K_REDUCE_BLOCKS 1024
+#define KFAC_K_REDUCE_DOUBLES (2 + 2 * KFAC_K_REDUCE_BLOCKS)
+cudaError_t kfac_k_dot(size_t n, const float *a, const float *b, double *work,
+                       cudaStream_t stream);
+cudaError_t kfac_k_packed_trace(int n, const float *packed, double *work, cudaStream_t stream);
+cudaError_t kfac_k_factor_change(int n, const float *old_packed, const float *new_packed,
+                                 double *work, cudaStream_t stream);
+/* Batch norm's unit-wise Fisher (kfac_bn_sample_grads then
+ * kfac_bn_unit_fisher): sg, sb (n x c floats) from x, y, dy (T, per_image
+ * rows of c channels per image), fisher (3 * c) from them; sums in double. */
+cudaError_t kfac_k_bn_fisher(kfac_dtype t, int n, size_t per_image, int c, const void *x,
+                             const void *y, const void *dy, const float *save_mean,
+                             const float *save_invstd, int relu, float grad_scale, float *sg,
+                             float *sb, float *fisher, cudaStream_t stream);
+/* Per channel 2x2 solve in double (kfac_bn_precondition); outputs may
+ * alias inputs. */
+cudaError_t kfac_k_bn_precondition(int c, const float *fisher, float lambda, int diagonal_only,
+                                   const float *dgamma, const float *dbeta, float *pgamma,
+                                   float *pbeta, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -49,12 +49,15 @@
  *                  at most).  db is float (TOL_CONV).
  *   Conversions must be bit-exact round-to-nearest-even (subnormal fp16
  *   included), scale_grads bit-exact float products.
+ *   K-FAC's stages (Gram matrices, BN Fisher, reductions, inverses,
+ *   preconditioning): TOL_GRAM ... TOL_GEMM, stated in their section.
  *
  * Without CUDA in the build, or without a GPU, prints "skipped: no GPU" and
  * returns 77 (ctest SKIP_RETURN_CODE). */
 #include <string.h>
 
 #include "kfac/kfac_backend.h"
+#include "kfac/kfac_factors.h"
 #include "testutil.h"
 #ifdef KFAC_HAVE_CUDA
 #include "cuda/conv_cudnn.h"
@@ -637,6 +640,8 @@ static void test_convs(void)
     test_conv(2, 8, 8, 32, 16, 1, 2, 0);  /* 1x1 stride 2: projection shortcut */
     test_conv(2, 32, 32, 3, 64, 7, 2, 3); /* the stem on a small image (3 channels) */
     test_conv(8, 1, 1, 64, 10, 1, 1, 0);  /* the fully connected layer (with bias) */
+    test_conv(8, 1, 1, 2048, 1000, 1, 1, 0); /* ResNet-50's classifier (cuBLAS GEMMs) */
+    test_conv(3, 1, 1, 17, 5, 1, 1, 0);   /* a fully connected layer with odd sizes */
     test_conv(3, 5, 6, 3, 5, 3, 1, 1);    /* odd channels, non-square image */
 }
 
@@ -768,6 +773,434 @@ static void test_upload_async(void)
     free(want_old);
 }
 
+/* ---- K-FAC's stages ---- */
+
+/* Tolerances of K-FAC's stages (relative to the CPU's largest value, as above):
+ * Gram matrices are float32 sums in every pass: 16-bit inputs are the same
+ * rounded values on both sides and their products are exact in float32. */
+#define TOL_GRAM 1e-4      /* float sums of up to 2.5e5 products in another (blocked) order */
+#define TOL_GRAM_TF32 3e-3 /* TF32 inputs (10-bit mantissas; if truncated, a bias of up to
+                            * 2^-10 per product that the positive diagonal sums keep) */
+#define TOL_FISHER 1e-4    /* the CPU sums per-sample BN gradients in float, the GPU in double */
+#define TOL_RED 1e-10      /* dot, trace, factor change: exact products, double sums reordered */
+#define TOL_INV 1e-3       /* float32 inverses, condition <= ~30: ~cond * sqrt(n) * u apart */
+#define TOL_EIG 1e-4       /* eigenvalues and Q diag Q^T: well conditioned, ~n u of ||F|| */
+#define TOL_GEMM 1e-4      /* float32 GEMMs of up to 2049 products in another order */
+
+/* Whether this pass's float32 Gram matrices run on TF32 tensor cores. */
+static int gram_tf32(void)
+{
+#ifdef KFAC_HAVE_CUDA
+    return prec() == KFAC_F32 && kfac__cuda(gpu)->allow_tf32;
+#else
+    return 0;
+#endif
+}
+
+static double gram_tol(void) { return gram_tf32() ? TOL_GRAM_TF32 : TOL_GRAM; }
+
+/* n floats of device memory, downloaded into a new host array. */
+static float *fetch(const float *d, size_t n)
+{
+    float *h = malloc(n * sizeof *h);
+    REQUIRE_OK(gpu->download(gpu, h, d, n * sizeof *h));
+    return h;
+}
+
+/* Relative error of a double result against the CPU's. */
+static void compare_scalar(const char *what, double got, double ref, double tol)
+{
+    double err = got == ref ? 0.0 : fabs(got - ref) / fmax(fabs(ref), 1e-300);
+    printf("  %s %-50s rel err %.2e (tol %.0e)\n", pass_name(), what, err, tol);
+    CHECK(err <= tol, "%s %s: %.17g vs cpu %.17g", pass_name(), what, got, ref);
+}
+
+/* Packed order KD (+1) of the patches of x, n images (and n/2 in the same
+ * workspace, as the optimizer's subsampled batches). */
+static void test_gram_patches(int n, int h, int w, int c, int kh, int stride, int pad)
+{
+    char what[128];
+    kfac_conv_desc d;
+    kfac_conv_desc_init(&d, n, h, w, c, 1, kh, kh, stride, pad);
+    size_t nx = (size_t)n * h * w * c, kd = (size_t)kh * kh * c;
+    float *x = rnd(nx, 1.0, 0.25), *d_x = act(x, nx); /* a mean: the ones column matters */
+    void *cws = malloc(cpu->gram_patches_workspace(cpu, &d) + 1);
+    void *gws = dev_bytes(NULL, gpu->gram_patches_workspace(gpu, &d));
+    float *ref = malloc(kfac_packed_len((int)kd + 1) * sizeof *ref);
+    float *d_p = dev(NULL, kfac_packed_len((int)kd + 1));
+    for (int part = 0; part <= (n > 1); part++) {
+        kfac_conv_desc e = d;
+        e.n = part ? n / 2 : n;
+        size_t rows = (size_t)e.n * e.ho * e.wo;
+        for (int one = 0; one <= 1; one++) {
+            size_t len = kfac_packed_len((int)kd + one);
+            float scale = 1.0f / (float)rows;
+            REQUIRE_OK(cpu->gram_patches(cpu, &e, x, one, scale, ref, cws));
+            REQUIRE_OK(gpu->gram_patches(gpu, &e, d_x, one, scale, d_p, gws));
+            snprintf(what, sizeof what, "gram_patches n%d/%d %dx%dx%d %dx%d s%d p%d%s", e.n, n,
+                     h, w, c, kh, kh, stride, pad, one ? " +1" : "");
+            compare(what, d_p, ref, len, gram_tol()); /* TOL_GRAM (_TF32) */
+        }
+    }
+    free(x);
+    free(cws);
+    free(ref);
+}
+
+/* packed = scale * R^T R of m rows (the G factor's form: scale N^2 / n). */
+static void test_gram_rows(size_t m, int n, int append_one)
+{
+    char what[128];
+    size_t len = kfac_packed_len(n + append_one);
+    float *r = rnd(m * n, 1.0, 0.25), *d_r = act(r, m * n);
+    float *ref = malloc(len * sizeof *ref), *d_p = dev(NULL, len);
+    void *gws = dev_bytes(NULL, gpu->gram_rows_workspace(gpu, m, n) + 1);
+    REQUIRE_OK(cpu->gram_rows(cpu, m, n, r, append_one, 16.0f, ref, NULL));
+    REQUIRE_OK(gpu->gram_rows(gpu, m, n, d_r, append_one, 16.0f, d_p, gws));
+    snprintf(what, sizeof what, "gram_rows m=%zu n=%d%s", m, n, append_one ? " +1" : "");
+    compare(what, d_p, ref, len, gram_tol()); /* TOL_GRAM (_TF32) */
+    free(r);
+    free(ref);
+}
+
+static void test_grams(void)
+{
+    test_gram_patches(2, 8, 8, 16, 3, 1, 1);   /* 3x3 stride 1 pad 1 */
+    test_gram_patches(3, 9, 9, 5, 3, 2, 1);    /* 3x3 stride 2, odd sizes */
+    test_gram_patches(2, 8, 8, 32, 1, 2, 0);   /* 1x1 stride 2: projection shortcut */
+    test_gram_patches(3, 7, 7, 24, 1, 1, 0);   /* 1x1 stride 1: the rows are x itself */
+    test_gram_patches(2, 32, 32, 3, 7, 2, 3);  /* the stem, 3 channels */
+    /* The stem at 224x224: 250880 rows, over one 64 MiB chunk in every type. */
+    test_gram_patches(20, 224, 224, 3, 7, 2, 3);
+    test_gram_rows(1000, 64, 0);
+    test_gram_rows(777, 10, 1);
+    test_gram_rows(20000, 33, 1);
+}
+
+/* Per-sample BN gradients and their Fisher: n images of hw rows. */
+static void test_bn_fisher(int n, int hw, int c, int relu)
+{
+    char what[128];
+    size_t m = (size_t)n * hw * c, nc = (size_t)n * c;
+    float *x = rnd(m, 2.0, 3.0), *y = rnd(m, 1.0, 0.0), *dy = rnd(m, 1.0, 0.0);
+    float *mean = rnd(c, 0.5, 3.0), *invstd = rnd(c, 0.2, 1.0);
+    float *d_x = act(x, m), *d_y = act(y, m), *d_dy = act(dy, m);
+    float *d_mean = dev(mean, c), *d_invstd = dev(invstd, c);
+    float *sg = malloc(nc * sizeof *sg), *sb = malloc(nc * sizeof *sb);
+    float *fisher = malloc(3 * (size_t)c * sizeof *fisher);
+    float *d_sg = dev(NULL, nc), *d_sb = dev(NULL, nc), *d_f = dev(NULL, 3 * (size_t)c);
+    REQUIRE_OK(cpu->bn_fisher(cpu, n, hw, c, x, y, dy, mean, invstd, relu, (float)n, sg, sb,
+                              fisher));
+    REQUIRE_OK(gpu->bn_fisher(gpu, n, hw, c, d_x, d_y, d_dy, d_mean, d_invstd, relu, (float)n,
+                              d_sg, d_sb, d_f));
+    snprintf(what, sizeof what, "bn_fisher n=%d hw=%d c=%d relu=%d sg", n, hw, c, relu);
+    compare(what, d_sg, sg, nc, TOL_FISHER); /* TOL_FISHER */
+    snprintf(what, sizeof what, "bn_fisher n=%d hw=%d c=%d relu=%d sb", n, hw, c, relu);
+    compare(what, d_sb, sb, nc, TOL_FISHER); /* TOL_FISHER */
+    snprintf(what, sizeof what, "bn_fisher n=%d hw=%d c=%d relu=%d fisher", n, hw, c, relu);
+    compare(what, d_f, fisher, 3 * (size_t)c, TOL_FISHER); /* TOL_FISHER */
+    free(x); free(y); free(dy); free(mean); free(invstd); free(sg); free(sb); free(fisher);
+}
+
+/* axpby: both terms, beta 0 (y full of NaN: not read), alpha 0 (x NULL). */
+static void test_axpby(size_t n)
+{
+    float *x = rnd(n, 1.0, 0.0), *y0 = rnd(n, 1.0, 0.0), *y = malloc(n * sizeof *y);
+    float *d_x = dev(x, n), *d_y = dev(NULL, n);
+    const float cases[3][2] = {{0.3f, 0.7f}, {-1.5f, 0.0f}, {0.0f, 0.9f}};
+    for (int k = 0; k < 3; k++) {
+        float alpha = cases[k][0], beta = cases[k][1];
+        char what[96];
+        for (size_t i = 0; i < n; i++) y[i] = beta == 0.0f ? NAN : y0[i];
+        REQUIRE_OK(gpu->upload(gpu, d_y, y, n * sizeof *y));
+        REQUIRE_OK(cpu->axpby(cpu, n, alpha, alpha == 0.0f ? NULL : x, beta, y));
+        REQUIRE_OK(gpu->axpby(gpu, n, alpha, alpha == 0.0f ? NULL : d_x, beta, d_y));
+        snprintf(what, sizeof what, "axpby n=%zu alpha=%g beta=%g%s", n, alpha, beta,
+                 beta == 0.0f ? " (y NaN)" : alpha == 0.0f ? " (x NULL)" : "");
+        compare(what, d_y, y, n, TOL_ELT); /* TOL_ELT: the same float operations */
+    }
+    free(x); free(y0); free(y);
+}
+
+/* copy2d between pitched runs, contiguous runs and one run; bytes between
+ * the destination's runs keep their values (exact comparison). */
+static void test_copy2d(void)
+{
+    const size_t cases[3][4] = {/* rows, row_bytes, dst_pitch, src_pitch */
+                                {37, 52, 64, 80}, {9, 40, 40, 40}, {1, 44, 48, 96}};
+    for (int k = 0; k < 3; k++) {
+        size_t rows = cases[k][0], rb = cases[k][1], dp = cases[k][2], sp = cases[k][3];
+        size_t nd = rows * dp / sizeof(float), ns = rows * sp / sizeof(float);
+        float *src = rnd(ns, 1.0, 0.0), *dst = rnd(nd, 1.0, 5.0);
+        float *d_src = dev(src, ns), *d_dst = dev(dst, nd);
+        char what[96];
+        REQUIRE_OK(cpu->copy2d(cpu, rows, rb, dst, dp, src, sp));
+        REQUIRE_OK(gpu->copy2d(gpu, rows, rb, d_dst, dp, d_src, sp));
+        snprintf(what, sizeof what, "copy2d rows=%zu bytes=%zu pitches %zu/%zu", rows, rb, dp, sp);
+        compare(what, d_dst, dst, nd, 0.0); /* exact */
+        free(src);
+        free(dst);
+    }
+}
+
+/* Packed order n of a symmetric matrix with entries ~ U(-1, 1) + offset. */
+static float *rnd_packed(int n, double offset) { return rnd(kfac_packed_len(n), 1.0, offset); }
+
+static void test_reductions(void)
+{
+    char what[96];
+    double g = 0, c = 0;
+    const size_t n = 1000003;
+    float *a = rnd(n, 1.0, 0.5), *b = rnd(n, 1.0, 0.25), *d_a = dev(a, n), *d_b = dev(b, n);
+    REQUIRE_OK(cpu->dot(cpu, n, a, b, &c));
+    REQUIRE_OK(gpu->dot(gpu, n, d_a, d_b, &g));
+    snprintf(what, sizeof what, "dot n=%zu", n);
+    compare_scalar(what, g, c, TOL_RED); /* TOL_RED */
+    g = -1;
+    REQUIRE_OK(gpu->dot(gpu, 0, d_a, d_b, &g));
+    CHECK(g == 0.0, "dot of nothing: %g", g);
+
+    const int orders[3] = {1, 300, 2049};
+    for (int k = 0; k < 3; k++) {
+        int m = orders[k];
+        size_t len = kfac_packed_len(m);
+        float *p = rnd_packed(m, 0.5), *q = malloc(len * sizeof *q);
+        for (size_t i = 0; i < len; i++) q[i] = p[i] * (1.0f + 0.01f * (float)((i * 7) % 13));
+        float *d_p = dev(p, len), *d_q = dev(q, len);
+        REQUIRE_OK(cpu->packed_trace(cpu, m, p, &c));
+        REQUIRE_OK(gpu->packed_trace(gpu, m, d_p, &g));
+        snprintf(what, sizeof what, "packed_trace n=%d", m);
+        compare_scalar(what, g, c, TOL_RED); /* TOL_RED */
+        REQUIRE_OK(cpu->factor_change(cpu, m, p, q, &c));
+        REQUIRE_OK(gpu->factor_change(gpu, m, d_p, d_q, &g));
+        snprintf(what, sizeof what, "factor_change n=%d", m);
+        compare_scalar(what, g, c, TOL_RED); /* TOL_RED */
+        free(p);
+        free(q);
+    }
+    /* From a zero factor: 0 to zero, INFINITY to anything else. */
+    float *zeros = calloc(kfac_packed_len(300), sizeof *zeros);
+    float *d_z = dev(zeros, kfac_packed_len(300)), *d_p = dev(a, kfac_packed_len(300));
+    REQUIRE_OK(gpu->factor_change(gpu, 300, d_z, d_z, &g));
+    CHECK(g == 0.0, "factor_change from zero to zero: %g", g);
+    REQUIRE_OK(gpu->factor_change(gpu, 300, d_z, d_p, &g));
+    CHECK(isinf(g), "factor_change from zero: %g", g);
+    free(zeros);
+    free(a);
+    free(b);
+}
+
+/* The largest |a - b| over n x n over the largest |b|. */
+static double mat_rel_err(int n, const double *a, const double *b)
+{
+    double diff = 0, ref = 1e-300;
+    for (size_t i = 0; i < (size_t)n * n; i++) {
+        double e = fabs(a[i] - b[i]);
+        if (!(e <= diff)) diff = e;
+        if (fabs(b[i]) > ref) ref = fabs(b[i]);
+    }
+    return diff / ref;
+}
+
+/* Q diag(d) Q^T in double (Q row-major, column j the eigenvector of d[j]). */
+static double *reconstruct(int n, const float *q, const float *d)
+{
+    double *r = calloc((size_t)n * n, sizeof *r);
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j <= i; j++) {
+            double s = 0;
+            for (int k = 0; k < n; k++)
+                s += (double)q[(size_t)i * n + k] * d[k] * q[(size_t)j * n + k];
+            r[(size_t)i * n + j] = r[(size_t)j * n + i] = s;
+        }
+    return r;
+}
+
+/* Whether a downloaded n x n matrix is exactly symmetric. */
+static int is_symmetric(int n, const float *a)
+{
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < i; j++)
+            if (memcmp(&a[(size_t)i * n + j], &a[(size_t)j * n + i], sizeof *a) != 0) return 0;
+    return 1;
+}
+
+/* A Gram factor of order n, F = R^T R / m (m = 2n + 8, so its spectrum is
+ * in ~[0.03, 1.0]), through the CPU. */
+static float *spd_factor(int n)
+{
+    size_t m = 2 * (size_t)n + 8;
+    float *r = rnd(m * n, 1.0, 0.0), *p = malloc(kfac_packed_len(n) * sizeof *p);
+    REQUIRE_OK(cpu->gram_rows(cpu, m, n, r, 0, 1.0f / (float)m, p, NULL));
+    free(r);
+    return p;
+}
+
+/* Cholesky and eigen inverses of order n in a workspace `ws` sized for a
+ * larger order, as the optimizer sizes it for its largest factor. */
+static void test_inverse(int n, void *ws)
+{
+    char what[96];
+    const size_t nn = (size_t)n * n, len = kfac_packed_len(n);
+    const float shift = 0.05f;
+    float *p = spd_factor(n), *d_p = dev(p, len), *d_inv = dev(NULL, nn);
+    float *inv = malloc(nn * sizeof *inv);
+    REQUIRE_OK(cpu->inverse_cholesky(cpu, n, p, shift, inv, NULL));
+    REQUIRE_OK(gpu->inverse_cholesky(gpu, n, d_p, shift, d_inv, ws));
+    snprintf(what, sizeof what, "inverse_cholesky n=%d", n);
+    compare(what, d_inv, inv, nn, TOL_INV); /* TOL_INV */
+    float *got = fetch(d_inv, nn);
+    CHECK(is_symmetric(n, got), "inverse_cholesky n=%d: not exactly symmetric", n);
+    free(got);
+
+    /* Shifted down so some eigenvalues are negative (clamped to 0). */
+    for (int j = 0; j < n; j++) p[kfac_packed_len(j) + j] -= 0.1f;
+    REQUIRE_OK(gpu->upload(gpu, d_p, p, len * sizeof *p));
+    float *ev = malloc(n * sizeof *ev), *q = malloc(nn * sizeof *q);
+    float *d_ev = dev(NULL, n), *d_q = dev(NULL, nn);
+    REQUIRE_OK(cpu->eigh(cpu, n, p, ev, q, NULL));
+    REQUIRE_OK(gpu->eigh(gpu, n, d_p, d_ev, d_q, ws));
+    snprintf(what, sizeof what, "eigh n=%d eigenvalues", n);
+    compare(what, d_ev, ev, (size_t)n, TOL_EIG); /* TOL_EIG */
+    float *gev = fetch(d_ev, (size_t)n), *gq = fetch(d_q, nn), *ones = malloc(n * sizeof *ones);
+    int clamped = 0, ordered = 1;
+    for (int j = 0; j < n; j++) {
+        clamped += gev[j] == 0.0f;
+        ordered &= gev[j] >= 0.0f && (j == 0 || gev[j] >= gev[j - 1]);
+        ones[j] = 1.0f;
+    }
+    CHECK(ordered, "eigh n=%d: eigenvalues not ascending and >= 0", n);
+    CHECK(n < 64 || clamped > 0, "eigh n=%d: no negative eigenvalue clamped", n);
+    /* Eigenvectors' signs (and bases of close eigenvalues) may differ: compare
+     * Q diag Q^T, and Q Q^T with I. */
+    double *rg = reconstruct(n, gq, gev), *rc = reconstruct(n, q, ev);
+    double *qq = reconstruct(n, gq, ones), *eye = calloc(nn, sizeof *eye);
+    for (int j = 0; j < n; j++) eye[(size_t)j * n + j] = 1.0;
+    double err = mat_rel_err(n, rg, rc), orth = mat_rel_err(n, qq, eye);
+    snprintf(what, sizeof what, "eigh n=%d Q diag Q^T", n);
+    printf("  %s %-50s max rel err %.2e, |QQ^T - I| %.2e (tol %.0e)\n", pass_name(), what, err,
+           orth, TOL_EIG);
+    CHECK(err <= TOL_EIG, "eigh n=%d: Q diag Q^T off by %.3e", n, err);  /* TOL_EIG */
+    CHECK(orth <= TOL_EIG, "eigh n=%d: Q Q^T - I off by %.3e", n, orth); /* TOL_EIG */
+
+    /* From the CPU's decomposition on both sides (d + shift >= shift > 0). */
+    REQUIRE_OK(gpu->upload(gpu, d_ev, ev, n * sizeof *ev));
+    REQUIRE_OK(gpu->upload(gpu, d_q, q, nn * sizeof *q));
+    REQUIRE_OK(cpu->inverse_from_eig(cpu, n, ev, q, shift, inv, NULL));
+    REQUIRE_OK(gpu->inverse_from_eig(gpu, n, d_ev, d_q, shift, d_inv, ws));
+    snprintf(what, sizeof what, "inverse_from_eig n=%d", n);
+    compare(what, d_inv, inv, nn, TOL_INV); /* TOL_INV */
+    got = fetch(d_inv, nn);
+    CHECK(is_symmetric(n, got), "inverse_from_eig n=%d: not exactly symmetric", n);
+    free(got); free(p); free(inv); free(ev); free(q); free(gev); free(gq); free(ones);
+    free(rg); free(rc); free(qq); free(eye);
+}
+
+static void test_inverses(void)
+{
+    const int orders[5] = {1, 7, 64, 300, 577};
+    void *ws = dev_bytes(NULL, gpu->inverse_workspace(gpu, 577));
+    for (int k = 0; k < 5; k++) test_inverse(orders[k], ws);
+    /* F - 10 I is negative definite: both fail, naming the factor. */
+    float *p = spd_factor(40), *d_p = dev(p, kfac_packed_len(40)), *inv = malloc(1600 * sizeof *inv);
+    float *d_inv = dev(NULL, 1600);
+    kfac_status sc = cpu->inverse_cholesky(cpu, 40, p, -10.0f, inv, NULL);
+    kfac_status sg = gpu->inverse_cholesky(gpu, 40, d_p, -10.0f, d_inv, ws);
+    const char *msg = kfac_last_error();
+    printf("  %s %-50s cpu %d, gpu %d: %s\n", pass_name(), "inverse_cholesky of F - 10 I", sc, sg,
+           msg);
+    CHECK(sc == KFAC_EBACKEND && sg == KFAC_EBACKEND, "not positive definite: cpu %d, gpu %d", sc,
+          sg);
+    CHECK(strstr(msg, "not positive definite") != NULL, "message: %s", msg);
+    free(p);
+    free(inv);
+}
+
+/* out = Ginv grad Ainv and the exact eigenbasis form, into a separate
+ * buffer and in place (out == grad). */
+static void test_precondition(int k, int d)
+{
+    char what[96];
+    const size_t kd = (size_t)k * d;
+    float *ginv = rnd((size_t)k * k, 1.0 / sqrt(k), 0.0), *ainv = rnd((size_t)d * d, 1.0 / sqrt(d), 0.0);
+    float *grad = rnd(kd, 1.0, 0.0), *out = malloc(kd * sizeof *out), *tmp = malloc(kd * sizeof *tmp);
+    float *dg = rnd(k, 0.5, 0.5), *da = rnd(d, 0.5, 0.5); /* eigenvalues in [0, 1] */
+    float *d_g = dev(ginv, (size_t)k * k), *d_a = dev(ainv, (size_t)d * d), *d_grad = dev(grad, kd);
+    float *d_out = dev(NULL, kd), *d_tmp = dev(NULL, kd), *d_dg = dev(dg, k), *d_da = dev(da, d);
+    for (int exact = 0; exact <= 1; exact++)
+        for (int in_place = 0; in_place <= 1; in_place++) {
+            float *o = in_place ? d_grad : d_out;
+            REQUIRE_OK(gpu->upload(gpu, d_grad, grad, kd * sizeof *grad));
+            if (exact) {
+                REQUIRE_OK(cpu->precondition_eig_exact(cpu, k, d, ginv, dg, ainv, da, 0.01f, grad,
+                                                       out, tmp));
+                REQUIRE_OK(gpu->precondition_eig_exact(gpu, k, d, d_g, d_dg, d_a, d_da, 0.01f,
+                                                       d_grad, o, d_tmp));
+            } else {
+                REQUIRE_OK(cpu->precondition(cpu, k, d, ginv, ainv, grad, out, tmp));
+                REQUIRE_OK(gpu->precondition(gpu, k, d, d_g, d_a, d_grad, o, d_tmp));
+            }
+            snprintf(what, sizeof what, "precondition%s k=%d d=%d%s", exact ? "_eig_exact" : "", k,
+                     d, in_place ? " (in place)" : "");
+            compare(what, o, out, kd, TOL_GEMM); /* TOL_GEMM */
+        }
+    free(ginv); free(ainv); free(grad); free(out); free(tmp); free(dg); free(da);
+}
+
+/* Per channel 2x2 solves of PSD blocks, full and diagonal, in place too. */
+static void test_bn_precondition(int c)
+{
+    char what[96];
+    float *a = rnd(c, 1.0, 0.0), *b = rnd(c, 1.0, 0.0), *f = malloc(3 * (size_t)c * sizeof *f);
+    for (int j = 0; j < c; j++) { /* [a b]^T [a b] with the correlation shrunk: PSD */
+        f[3 * j] = a[j] * a[j];
+        f[3 * j + 1] = 0.9f * a[j] * b[j];
+        f[3 * j + 2] = b[j] * b[j];
+    }
+    float *dg = rnd(c, 1.0, 0.0), *db = rnd(c, 1.0, 0.0);
+    float *pg = malloc(c * sizeof *pg), *pb = malloc(c * sizeof *pb);
+    float *d_f = dev(f, 3 * (size_t)c), *d_dg = dev(NULL, c), *d_db = dev(NULL, c);
+    float *d_pg = dev(NULL, c), *d_pb = dev(NULL, c);
+    for (int diag = 0; diag <= 1; diag++)
+        for (int in_place = 0; in_place <= 1; in_place++) {
+            REQUIRE_OK(gpu->upload(gpu, d_dg, dg, c * sizeof *dg));
+            REQUIRE_OK(gpu->upload(gpu, d_db, db, c * sizeof *db));
+            REQUIRE_OK(cpu->bn_precondition(cpu, c, f, 1e-3f, diag, dg, db, pg, pb));
+            REQUIRE_OK(gpu->bn_precondition(gpu, c, d_f, 1e-3f, diag, d_dg, d_db,
+                                            in_place ? d_dg : d_pg, in_place ? d_db : d_pb));
+            snprintf(what, sizeof what, "bn_precondition c=%d diag=%d%s gamma", c, diag,
+                     in_place ? " (in place)" : "");
+            compare(what, in_place ? d_dg : d_pg, pg, c, TOL_ELT); /* TOL_ELT: same double math */
+            snprintf(what, sizeof what, "bn_precondition c=%d diag=%d%s beta", c, diag,
+                     in_place ? " (in place)" : "");
+            compare(what, in_place ? d_db : d_pb, pb, c, TOL_ELT); /* TOL_ELT */
+        }
+    free(a); free(b); free(f); free(dg); free(db); free(pg); free(pb);
+}
+
+/* The stages on activations run in every pass, the float32 ones once. */
+static void test_kfac_stages(void)
+{
+    if (!cpu->gram_patches || !gpu->gram_patches) {
+        CHECK(0, "K-FAC stages missing: cpu %p, gpu %p", (void *)cpu->gram_patches,
+              (void *)gpu->gram_patches);
+        return;
+    }
+    test_grams();
+    test_bn_fisher(4, 64, 64, 1);
+    test_bn_fisher(3, 49, 19, 0);   /* a partial channel tile */
+    test_bn_fisher(70, 9, 40, 1);   /* many images */
+    if (prec() != KFAC_F32) return;
+    test_axpby(100003);
+    test_copy2d();
+    test_reductions();
+    test_inverses();
+    test_precondition(64, 577);
+    test_precondition(1000, 2049); /* ResNet-50's classifier with its bias column */
+    test_precondition(3, 5);
+    test_bn_precondition(1000);
+}
+
 /* ---- one pass per precision ---- */
 
 static void run_pass(void)
@@ -783,6 +1216,7 @@ static void run_pass(void)
     test_xent(64, 1000, 0.0f, 1, 128.0f); /* a loss scale, as fp16 training uses */
     test_xent(5, 37, 0.2f, 0, 1.0f);
     test_convs();
+    test_kfac_stages();
     test_scale_grads();
     if (prec() == KFAC_F32) {
         test_conversions(100003);          /* odd: one value per thread */
@@ -824,13 +1258,14 @@ int main(void)
         kfac_backend_free(gpu);
         gpu = NULL;
     }
-    /* TF32: a fresh float32 backend with TF32 allowed, convolutions only
-     * (the other operations have no tensor-core path). */
+    /* TF32: a fresh float32 backend with TF32 allowed, convolutions and
+     * Gram matrices only (the other operations have no tensor-core path). */
     REQUIRE_OK(kfac_backend_get("cuda", 0, &gpu));
     REQUIRE_OK(kfac_backend_set_tf32(gpu, 1));
     tf32_pass = 1;
-    printf("test_cuda_ops: activations f32, TF32 convolutions\n");
+    printf("test_cuda_ops: activations f32, TF32 convolutions and Gram matrices\n");
     test_convs();
+    test_grams();
     /* TF32 took effect: some output is further from the CPU's than fp32
      * allows (an H100 with cuDNN 9.19: 37 of 140 checks, at most 3.7e-4). */
     CHECK(tf32_max_err > TOL_CONV, "tf32: largest convolution error %.2e, not above fp32's %.0e",

@@ -1,6 +1,12 @@
 /* precond.c - the K-FAC optimizer: per-layer factor state, the refresh
  * schedule, and the sequencing of capture, inversion, preconditioning and
- * KL clipping around one training step (see kfac_precond.h). */
+ * KL clipping around one training step (see kfac_precond.h).
+ *
+ * Factors, inverses and gradient blocks live in backend memory and every
+ * numerical stage is a backend operation (kfac_backend.h), so the same
+ * sequence runs on the CPU and on a GPU.  Only traffic between ranks is
+ * staged through host buffers (fsend/frecv, gstage/grecv); one rank with
+ * float32 traffic skips it, since its reductions are copies. */
 #include <fnmatch.h>
 #include <math.h>
 #include <stdio.h>
@@ -52,8 +58,9 @@ struct kfac_precond {
     int *order;                  /* layer indices by (owner, index) */
     size_t *counts;              /* per-rank factor block sizes (scratch) */
     size_t *grad_counts;         /* per-rank gradient block sizes (fixed by the plan) */
-    float *gbuf, *grecv;         /* K-FAC gradients by owner; this rank's block */
-    float *fsend, *frecv;        /* factor traffic */
+    float *gbuf;                 /* K-FAC gradients by owner (backend memory) */
+    float *gstage, *grecv;       /* host: gbuf's traffic; this rank's block */
+    float *fsend, *frecv;        /* host: factor traffic */
     uint16_t *fsend16, *frecv16; /* the same in f16/bf16 */
     float *micro_tmp;            /* one micro-batch's factor estimate */
     double *changes;             /* per-layer factor change (adaptive interval) */
@@ -61,7 +68,7 @@ struct kfac_precond {
     void *gram_ws;
     float *sg, *sb;              /* bn per-sample sums: max_batch x max channels */
     float *pmat, *tmp;           /* k x d scratch, largest layer (pmat: or 2 x BN channels) */
-    float *chol_ws;              /* largest order squared */
+    void *inv_ws;                /* inverse_workspace of the largest order */
     kfac_precond_stats stats;
 };
 
@@ -135,7 +142,8 @@ static kfac_status init_layers(kfac_precond *p)
     p->layer_of_node = malloc((size_t)nodes * sizeof(int));
     p->layers = calloc((size_t)nodes, sizeof(layer));
     if (!p->layer_of_node || !p->layers) return KFAC_ERR(KFAC_ENOMEM, "kfac: out of memory");
-    size_t max_kd = 1, max_order = 1, max_ws = 0, max_c = 1;
+    kfac_backend *be = p->be;
+    size_t max_kd = 1, max_ws = 0, max_inv_ws = 0, max_c = 1;
     for (int pass = 0; pass < 2; pass++) /* Kronecker layers first, then BN */
         for (int i = 0; i < nodes; i++) {
             kfac_layer_view v;
@@ -154,11 +162,14 @@ static kfac_status init_layers(kfac_precond *p)
             L->interval = p->cfg.factor_interval;
             if (kron) {
                 KFAC_TRY(init_kron_layer(p, L, &v));
-                size_t ws = kfac_gram_patches_workspace(p->be, &v.conv);
+                size_t rows = (size_t)max_batch * v.conv.ho * v.conv.wo;
+                size_t ws = be->gram_patches_workspace(be, &v.conv);
+                size_t ws_rows = be->gram_rows_workspace(be, rows, L->k);
+                ws = ws > ws_rows ? ws : ws_rows;
                 max_ws = ws > max_ws ? ws : max_ws;
                 max_kd = (size_t)L->k * L->d > max_kd ? (size_t)L->k * L->d : max_kd;
-                size_t order = (size_t)(L->d > L->k ? L->d : L->k);
-                max_order = order > max_order ? order : max_order;
+                size_t inv_ws = be->inverse_workspace(be, L->d > L->k ? L->d : L->k);
+                max_inv_ws = inv_ws > max_inv_ws ? inv_ws : max_inv_ws;
                 p->stats.layers++;
             } else {
                 L->channels = v.channels;
@@ -171,12 +182,12 @@ static kfac_status init_layers(kfac_precond *p)
                 p->stats.bn_layers++;
             }
         }
-    KFAC_TRY(p->be->alloc(p->be, max_ws ? max_ws : 64, &p->gram_ws));
+    KFAC_TRY(be->alloc(be, max_ws ? max_ws : 64, &p->gram_ws));
+    KFAC_TRY(be->alloc(be, max_inv_ws ? max_inv_ws : 64, &p->inv_ws));
     KFAC_TRY(alloc_floats(p, (size_t)max_batch * max_c, &p->sg));
     KFAC_TRY(alloc_floats(p, (size_t)max_batch * max_c, &p->sb));
     KFAC_TRY(alloc_floats(p, max_kd > 2 * max_c ? max_kd : 2 * max_c, &p->pmat));
     KFAC_TRY(alloc_floats(p, max_kd, &p->tmp));
-    KFAC_TRY(alloc_floats(p, max_order * max_order, &p->chol_ws));
     size_t max_factor = 1, factors = 0, grads = 0;
     for (int i = 0; i < p->num_layers; i++) {
         layer *L = &p->layers[i];
@@ -185,14 +196,16 @@ static kfac_status init_layers(kfac_precond *p)
         grads += L->grad_len;
     }
     KFAC_TRY(alloc_floats(p, max_factor, &p->micro_tmp));
-    KFAC_TRY(alloc_floats(p, factors, &p->fsend));
-    KFAC_TRY(alloc_floats(p, factors, &p->frecv));
     KFAC_TRY(alloc_floats(p, grads, &p->gbuf));
-    KFAC_TRY(alloc_floats(p, grads, &p->grecv));
+    p->fsend = malloc((factors + 1) * sizeof(float));
+    p->frecv = malloc((factors + 1) * sizeof(float));
+    p->gstage = malloc((grads + 1) * sizeof(float));
+    p->grecv = malloc((grads + 1) * sizeof(float));
     p->changes = malloc(((size_t)p->num_layers + 1) * sizeof(double));
     p->order = malloc(((size_t)p->num_layers + 1) * sizeof(int));
     p->tensor_owned = calloc((size_t)kfac_model_num_param_tensors(m) + 1, 1);
-    if (!p->changes || !p->order || !p->tensor_owned)
+    if (!p->fsend || !p->frecv || !p->gstage || !p->grecv || !p->changes || !p->order ||
+        !p->tensor_owned)
         return KFAC_ERR(KFAC_ENOMEM, "kfac: out of memory");
     for (int i = 0; i < p->num_layers; i++) {
         p->tensor_owned[p->layers[i].weight] = 1;
@@ -221,10 +234,13 @@ kfac_status kfac_precond_init(kfac_precond **out, kfac_model *m, const kfac_prec
     if (cfg->factor_dtype != KFAC_F32 && cfg->factor_dtype != KFAC_F16 &&
         cfg->factor_dtype != KFAC_BF16)
         return KFAC_ERR(KFAC_EINVAL, "kfac: factor traffic must be f32, f16 or bf16");
+    kfac_backend *be = kfac_model_backend(m);
+    if (!be->gram_patches)
+        return KFAC_ERR(KFAC_ENOTSUP, "kfac: the %s backend has no K-FAC stages", be->name);
     kfac_precond *p = calloc(1, sizeof *p);
     if (!p) return KFAC_ERR(KFAC_ENOMEM, "kfac: out of memory");
     p->model = m;
-    p->be = kfac_model_backend(m);
+    p->be = be;
     p->cfg = *cfg;
     snprintf(p->exclude, sizeof p->exclude, "%s", cfg->exclude ? cfg->exclude : "");
     p->cfg.exclude = p->exclude;
@@ -252,12 +268,14 @@ void kfac_precond_free(kfac_precond *p)
         RELEASE(L->qg); RELEASE(L->dg); RELEASE(L->fisher); RELEASE(L->fisher_batch);
         RELEASE(L->fisher_inv);
     }
-    RELEASE(p->gram_ws); RELEASE(p->sg); RELEASE(p->sb);
-    RELEASE(p->pmat); RELEASE(p->tmp); RELEASE(p->chol_ws);
-    RELEASE(p->micro_tmp); RELEASE(p->fsend); RELEASE(p->frecv); RELEASE(p->gbuf);
-    RELEASE(p->grecv);
+    RELEASE(p->gram_ws); RELEASE(p->inv_ws); RELEASE(p->sg); RELEASE(p->sb);
+    RELEASE(p->pmat); RELEASE(p->tmp); RELEASE(p->micro_tmp); RELEASE(p->gbuf);
 #undef RELEASE
     kfac_comm_free(p->self_comm);
+    free(p->fsend);
+    free(p->frecv);
+    free(p->gstage);
+    free(p->grecv);
     free(p->fsend16);
     free(p->frecv16);
     free(p->changes);
@@ -366,48 +384,35 @@ static void schedule_next_factor(kfac_precond *p, layer *L, double change)
 /* The first micro-batch writes the batch estimate, later ones add to it. */
 static float *micro_target(kfac_precond *p, float *batch) { return p->micro ? p->micro_tmp : batch; }
 
-static void micro_add(const kfac_precond *p, float *batch, size_t len)
+static kfac_status micro_add(const kfac_precond *p, float *batch, size_t len)
 {
-    if (!p->micro) return;
-    for (size_t i = 0; i < len; i++) batch[i] += p->micro_tmp[i];
+    if (!p->micro) return KFAC_OK;
+    return p->be->axpby(p->be, len, 1.0f, p->micro_tmp, 1.0f, batch);
 }
 
 static kfac_status capture_kron(kfac_precond *p, layer *L, const kfac_layer_view *v, int n, int ns)
 {
+    kfac_backend *be = p->be;
     kfac_conv_desc d = v->conv;
     d.n = ns;
     size_t rows = (size_t)ns * d.ho * d.wo;
     /* A = mean over patch rows; G = (1/ns) sum (n dy)(n dy)^T. */
-    KFAC_TRY(kfac_gram_patches(p->be, &d, v->x, L->bias >= 0, 1.0f / (float)rows,
-                               micro_target(p, L->a_batch), p->gram_ws));
-    micro_add(p, L->a_batch, kfac_packed_len(L->d));
-    KFAC_TRY(kfac_gram_rows(p->be, rows, L->k, v->dy, 0, (float)n * (float)n / (float)ns,
-                            micro_target(p, L->g_batch)));
-    micro_add(p, L->g_batch, kfac_packed_len(L->k));
-    return KFAC_OK;
+    KFAC_TRY(be->gram_patches(be, &d, v->x, L->bias >= 0, 1.0f / (float)rows,
+                              micro_target(p, L->a_batch), p->gram_ws));
+    KFAC_TRY(micro_add(p, L->a_batch, kfac_packed_len(L->d)));
+    KFAC_TRY(be->gram_rows(be, rows, L->k, v->dy, 0, (float)n * (float)n / (float)ns,
+                           micro_target(p, L->g_batch), p->gram_ws));
+    return micro_add(p, L->g_batch, kfac_packed_len(L->k));
 }
 
 /* Per-sample BN gradients (sums over locations of n * dy * xhat and of
  * n * dy) of the first ns images, then their 2x2 Fisher per channel. */
-static void capture_bn(kfac_precond *p, layer *L, const kfac_layer_view *v, int n, int ns)
+static kfac_status capture_bn(kfac_precond *p, layer *L, const kfac_layer_view *v, int n, int ns)
 {
-    int c = L->channels;
-    size_t per_image = v->rows / (size_t)n;
-    for (int i = 0; i < ns; i++) {
-        float *sg = p->sg + (size_t)i * c, *sb = p->sb + (size_t)i * c;
-        memset(sg, 0, c * sizeof(float));
-        memset(sb, 0, c * sizeof(float));
-        for (size_t t = (size_t)i * per_image; t < (size_t)(i + 1) * per_image; t++) {
-            const float *x = v->x + t * c, *y = v->y + t * c, *dy = v->dy + t * c;
-            for (int j = 0; j < c; j++) {
-                float g = v->relu && y[j] <= 0.0f ? 0.0f : (float)n * dy[j];
-                sg[j] += g * (x[j] - v->save_mean[j]) * v->save_invstd[j];
-                sb[j] += g;
-            }
-        }
-    }
-    kfac_bn_unit_fisher(ns, c, p->sg, p->sb, micro_target(p, L->fisher_batch));
-    micro_add(p, L->fisher_batch, L->factor_len);
+    KFAC_TRY(p->be->bn_fisher(p->be, ns, v->rows / (size_t)n, L->channels, v->x, v->y, v->dy,
+                              v->save_mean, v->save_invstd, v->relu, (float)n, p->sg, p->sb,
+                              micro_target(p, L->fisher_batch)));
+    return micro_add(p, L->fisher_batch, L->factor_len);
 }
 
 kfac_status kfac_precond_capture(kfac_precond *p, int node, int n)
@@ -421,7 +426,7 @@ kfac_status kfac_precond_capture(kfac_precond *p, int node, int n)
     int ns = (int)ceil(p->cfg.subsample * n);
     ns = ns < 1 ? 1 : ns > n ? n : ns;
     if (L->kind == KFAC_NODE_BN)
-        capture_bn(p, L, &v, n, ns);
+        KFAC_TRY(capture_bn(p, L, &v, n, ns));
     else
         KFAC_TRY(capture_kron(p, L, &v, n, ns));
     p->stats.seconds_capture += kfac__now_seconds() - t0;
@@ -435,29 +440,42 @@ static kfac_status capture_hook(kfac_model *m, int node, int n, void *user)
 
 /* ---- factor reduction and folding ---- */
 
-/* Folds a batch estimate into a running factor; returns the running
- * factor's relative change. */
-static double fold(const kfac_precond *p, int order, float *running, const float *batch,
-                   size_t len, int first)
+static int adaptive(const kfac_precond *p) { return p->cfg.adaptive_threshold > 0; }
+
+static kfac_status copy_floats(kfac_backend *be, float *dst, const float *src, size_t n)
 {
-    if (first) {
-        memcpy(running, batch, len * sizeof(float));
-        return INFINITY;
-    }
-    double change = (1.0 - p->cfg.factor_decay) * kfac_factor_change(order, running, batch);
-    kfac_factor_average(len, running, batch, p->cfg.factor_decay);
-    return change;
+    return be->copy2d(be, 1, n * sizeof(float), dst, 0, src, 0);
 }
 
-static double fold_layer(kfac_precond *p, layer *L)
+/* Folds a batch estimate into a running factor; *change: the running
+ * factor's relative change (order > 0, and only for the adaptive
+ * schedule, which is its one reader: on a GPU it costs a wait). */
+static kfac_status fold(const kfac_precond *p, int order, float *running, const float *batch,
+                        size_t len, int first, double *change)
+{
+    kfac_backend *be = p->be;
+    *change = first ? INFINITY : 0;
+    if (first) return copy_floats(be, running, batch, len);
+    if (order > 0 && adaptive(p)) {
+        KFAC_TRY(be->factor_change(be, order, running, batch, change));
+        *change *= 1.0 - p->cfg.factor_decay;
+    }
+    /* running = decay * running + (1 - decay) * batch (kfac_factor_average) */
+    return be->axpby(be, len, 1.0f - p->cfg.factor_decay, batch, p->cfg.factor_decay, running);
+}
+
+static kfac_status fold_layer(kfac_precond *p, layer *L, double *change)
 {
     if (L->kind == KFAC_NODE_BN) {
-        fold(p, 3, L->fisher, L->fisher_batch, L->factor_len, !L->has_factors);
-        return 0;
+        KFAC_TRY(fold(p, 0, L->fisher, L->fisher_batch, L->factor_len, !L->has_factors, change));
+        *change = 0;
+        return KFAC_OK;
     }
-    double ca = fold(p, L->d, L->a, L->a_batch, kfac_packed_len(L->d), !L->has_factors);
-    double cg = fold(p, L->k, L->g, L->g_batch, kfac_packed_len(L->k), !L->has_factors);
-    return ca > cg ? ca : cg;
+    double ca, cg;
+    KFAC_TRY(fold(p, L->d, L->a, L->a_batch, kfac_packed_len(L->d), !L->has_factors, &ca));
+    KFAC_TRY(fold(p, L->k, L->g, L->g_batch, kfac_packed_len(L->k), !L->has_factors, &cg));
+    *change = ca > cg ? ca : cg;
+    return KFAC_OK;
 }
 
 /* A layer's factor storage as one list of runs: (A, G) or the BN Fisher. */
@@ -488,14 +506,37 @@ static float from_wire16(kfac_dtype t, uint16_t h)
     return t == KFAC_F16 ? kfac_f16_to_f32(h) : kfac_bf16_to_f32(h);
 }
 
+/* One rank with float32 traffic: the reduce-scatter is a copy, so the
+ * owner's batch buffers become scale times the sources in place. */
+static kfac_status scale_factors_locally(kfac_precond *p, int which, float scale)
+{
+    kfac_backend *be = p->be;
+    for (int i = 0; i < p->num_layers; i++) {
+        layer *L = &p->layers[i];
+        if (!selected(L, which)) continue;
+        float *src[2], *dst[2];
+        size_t len[2];
+        int parts = factor_parts(L, which, src, len);
+        factor_parts(L, 0, dst, len);
+        for (int j = 0; j < parts; j++)
+            if (src[j] != dst[j])
+                KFAC_TRY(be->axpby(be, len[j], scale, src[j], 0.0f, dst[j]));
+            else if (scale != 1.0f)
+                KFAC_TRY(be->axpby(be, len[j], 0.0f, NULL, scale, dst[j]));
+    }
+    return KFAC_OK;
+}
+
 /* Reduce-scatters the factors of the selected layers (which = 0: layers
  * whose factors are due, batch estimates; 1: layers whose inverse is due,
  * running averages) to their owners, scaled by `scale`, into the owners'
- * batch buffers. */
+ * batch buffers, staged through host memory. */
 static kfac_status reduce_factors(kfac_precond *p, int which, float scale)
 {
+    kfac_backend *be = p->be;
     kfac_dtype t = p->cfg.factor_dtype;
     int half = t != KFAC_F32;
+    if (p->size == 1 && !half) return scale_factors_locally(p, which, scale);
     size_t off = 0;
     memset(p->counts, 0, (size_t)p->size * sizeof(size_t));
     for (int k = 0; k < p->num_layers; k++) {
@@ -505,10 +546,9 @@ static kfac_status reduce_factors(kfac_precond *p, int which, float scale)
         size_t len[2];
         int parts = factor_parts(L, which, part, len);
         for (int j = 0; j < parts; j++) {
+            KFAC_TRY(be->download(be, p->fsend + off, part[j], len[j] * sizeof(float)));
             if (half)
-                for (size_t i = 0; i < len[j]; i++) p->fsend16[off + i] = to_wire16(t, part[j][i]);
-            else
-                memcpy(p->fsend + off, part[j], len[j] * sizeof(float));
+                for (size_t i = 0; i < len[j]; i++) p->fsend16[off + i] = to_wire16(t, p->fsend[off + i]);
             off += len[j];
             p->counts[L->owner] += len[j];
         }
@@ -526,21 +566,23 @@ static kfac_status reduce_factors(kfac_precond *p, int which, float scale)
         size_t len[2];
         int parts = factor_parts(L, 0, part, len);
         for (int j = 0; j < parts; j++) {
+            float *recv = p->frecv + off;
             for (size_t i = 0; i < len[j]; i++)
-                part[j][i] = scale * (half ? from_wire16(t, p->frecv16[off + i]) : p->frecv[off + i]);
+                recv[i] = scale * (half ? from_wire16(t, p->frecv16[off + i]) : recv[i]);
+            KFAC_TRY(be->upload(be, part[j], recv, len[j] * sizeof(float)));
             off += len[j];
         }
     }
     return KFAC_OK;
 }
 
-static void scale_batch(layer *L, float s)
+static kfac_status scale_batch(kfac_precond *p, layer *L, float s)
 {
     float *part[2];
     size_t len[2];
     int parts = factor_parts(L, 0, part, len);
-    for (int j = 0; j < parts; j++)
-        for (size_t e = 0; e < len[j]; e++) part[j][e] *= s;
+    for (int j = 0; j < parts; j++) KFAC_TRY(p->be->axpby(p->be, len[j], 0.0f, NULL, s, part[j]));
+    return KFAC_OK;
 }
 
 /* Shares each refreshed layer's factor change (known to its folder) so the
@@ -566,8 +608,8 @@ static kfac_status refresh_factors(kfac_precond *p)
         layer *L = &p->layers[i];
         p->changes[i] = 0;
         if (!L->factor_due || !(local || mine(p, L))) continue;
-        if (local) scale_batch(L, mean);
-        p->changes[i] = fold_layer(p, L);
+        if (local) KFAC_TRY(scale_batch(p, L, mean));
+        KFAC_TRY(fold_layer(p, L, &p->changes[i]));
     }
     KFAC_TRY(share_changes(p));
     for (int i = 0; i < p->num_layers; i++) {
@@ -594,19 +636,21 @@ static double damping_at(const kfac_precond *p, double epoch)
 static kfac_status invert_layer(kfac_precond *p, layer *L, const float *a, const float *g,
                                 double lambda)
 {
-    double gamma = sqrt(lambda);
-    double pi = kfac_pi_correction(L->d, a, L->k, g);
+    kfac_backend *be = p->be;
+    double gamma = sqrt(lambda), ta, tg;
+    KFAC_TRY(be->packed_trace(be, L->d, a, &ta));
+    KFAC_TRY(be->packed_trace(be, L->k, g, &tg));
+    double pi = kfac_pi_from_traces(L->d, ta, L->k, tg);
     float shift_a = (float)(pi * gamma), shift_g = (float)(gamma / pi);
     if (p->cfg.inverse == KFAC_INVERSE_CHOLESKY) {
-        KFAC_TRY(kfac_inverse_cholesky(L->d, a, shift_a, L->ainv, p->chol_ws));
-        return kfac_inverse_cholesky(L->k, g, shift_g, L->ginv, p->chol_ws);
+        KFAC_TRY(be->inverse_cholesky(be, L->d, a, shift_a, L->ainv, p->inv_ws));
+        return be->inverse_cholesky(be, L->k, g, shift_g, L->ginv, p->inv_ws);
     }
-    KFAC_TRY(kfac_eigh(L->d, a, L->da, L->qa));
-    KFAC_TRY(kfac_eigh(L->k, g, L->dg, L->qg));
+    KFAC_TRY(be->eigh(be, L->d, a, L->da, L->qa, p->inv_ws));
+    KFAC_TRY(be->eigh(be, L->k, g, L->dg, L->qg, p->inv_ws));
     if (p->cfg.exact_kronecker) return KFAC_OK; /* damping applies at preconditioning */
-    kfac_inverse_from_eig(L->d, L->da, L->qa, shift_a, L->ainv);
-    kfac_inverse_from_eig(L->k, L->dg, L->qg, shift_g, L->ginv);
-    return KFAC_OK;
+    KFAC_TRY(be->inverse_from_eig(be, L->d, L->da, L->qa, shift_a, L->ainv, p->inv_ws));
+    return be->inverse_from_eig(be, L->k, L->dg, L->qg, shift_g, L->ginv, p->inv_ws);
 }
 
 /* Inverts this rank's due layers; every rank advances the schedule.  With
@@ -628,8 +672,8 @@ static kfac_status invert_due(kfac_precond *p, double epoch)
                 KFAC_TRY(invert_layer(p, L, shared ? L->a_batch : L->a, shared ? L->g_batch : L->g,
                                       lambda));
             else /* BN's "inverse" is its Fisher as of now, on the inverse schedule */
-                memcpy(L->fisher_inv, shared ? L->fisher_batch : L->fisher,
-                       L->factor_len * sizeof(float));
+                KFAC_TRY(copy_floats(p->be, L->fisher_inv, shared ? L->fisher_batch : L->fisher,
+                                     L->factor_len));
             L->inverse_count++;
             p->stats.inverse_refreshes++;
         }
@@ -642,80 +686,83 @@ static kfac_status invert_due(kfac_precond *p, double epoch)
 }
 
 /* A layer's gbuf block is the matrix K-FAC works on: [dW | db] (k x d)
- * for conv/FC, [dgamma | dbeta] for BN.  From the model's gradients, and
- * back. */
-static void pack_grad(const kfac_precond *p, const layer *L, const float *grads, float *block)
+ * for conv/FC, [dgamma | dbeta] for BN.  From the model's gradients
+ * (to_block), and back. */
+static kfac_status move_grad(const kfac_precond *p, const layer *L, float *grads, float *block,
+                             int to_block)
 {
-    const float *w = grads + kfac_model_param_tensor(p->model, L->weight)->offset;
-    const float *b = L->bias >= 0 ? grads + kfac_model_param_tensor(p->model, L->bias)->offset : NULL;
-    if (L->kind == KFAC_NODE_BN) {
-        memcpy(block, w, (size_t)L->channels * sizeof(float));
-        memcpy(block + L->channels, b, (size_t)L->channels * sizeof(float));
-        return;
-    }
-    for (int r = 0; r < L->k; r++) {
-        memcpy(block + (size_t)r * L->d, w + (size_t)r * L->dw, L->dw * sizeof(float));
-        if (b) block[(size_t)r * L->d + L->dw] = b[r];
-    }
-}
-
-static void unpack_grad(const kfac_precond *p, const layer *L, const float *block, float *grads)
-{
+    kfac_backend *be = p->be;
     float *w = grads + kfac_model_param_tensor(p->model, L->weight)->offset;
     float *b = L->bias >= 0 ? grads + kfac_model_param_tensor(p->model, L->bias)->offset : NULL;
+    const size_t f = sizeof(float);
     if (L->kind == KFAC_NODE_BN) {
-        memcpy(w, block, (size_t)L->channels * sizeof(float));
-        memcpy(b, block + L->channels, (size_t)L->channels * sizeof(float));
-        return;
+        size_t c = (size_t)L->channels;
+        KFAC_TRY(to_block ? copy_floats(be, block, w, c) : copy_floats(be, w, block, c));
+        return to_block ? copy_floats(be, block + c, b, c) : copy_floats(be, b, block + c, c);
     }
-    for (int r = 0; r < L->k; r++) {
-        memcpy(w + (size_t)r * L->dw, block + (size_t)r * L->d, L->dw * sizeof(float));
-        if (b) b[r] = block[(size_t)r * L->d + L->dw];
+    /* k rows of dw weights, d floats apart in the block; the bias is column dw */
+    size_t k = (size_t)L->k, dw = (size_t)L->dw, d = (size_t)L->d;
+    if (to_block) {
+        KFAC_TRY(be->copy2d(be, k, dw * f, block, d * f, w, dw * f));
+        return b ? be->copy2d(be, k, f, block + dw, d * f, b, f) : KFAC_OK;
     }
+    KFAC_TRY(be->copy2d(be, k, dw * f, w, dw * f, block, d * f));
+    return b ? be->copy2d(be, k, f, b, f, block + dw, d * f) : KFAC_OK;
+}
+
+static size_t my_grad_offset(const kfac_precond *p)
+{
+    size_t off = 0;
+    for (int r = 0; r < p->rank; r++) off += p->grad_counts[r];
+    return off;
+}
+
+static size_t all_grads(const kfac_precond *p)
+{
+    size_t total = 0;
+    for (int r = 0; r < p->size; r++) total += p->grad_counts[r];
+    return total;
 }
 
 /* Reduce-scatters every K-FAC layer's gradient to its owner; the owner's
  * block lands at its place in gbuf, scaled to a mean. */
 static kfac_status reduce_grads(kfac_precond *p, float scale)
 {
-    const float *grads = kfac_model_grads(p->model);
-    size_t my_off = 0;
+    kfac_backend *be = p->be;
+    float *grads = kfac_model_grads(p->model);
     for (int k = 0; k < p->num_layers; k++) {
         layer *L = &p->layers[p->order[k]];
-        pack_grad(p, L, grads, p->gbuf + L->grad_off);
+        KFAC_TRY(move_grad(p, L, grads, p->gbuf + L->grad_off, 1));
     }
-    for (int r = 0; r < p->rank; r++) my_off += p->grad_counts[r];
+    if (p->size == 1) /* the reduce-scatter is a copy */
+        return scale == 1.0f ? KFAC_OK : be->axpby(be, all_grads(p), 0.0f, NULL, scale, p->gbuf);
+    size_t my_off = my_grad_offset(p), mine_len = p->grad_counts[p->rank];
+    KFAC_TRY(be->download(be, p->gstage, p->gbuf, all_grads(p) * sizeof(float)));
     double t0 = kfac__now_seconds();
-    KFAC_TRY(kfac_comm_reduce_scatterv(p->comm, p->gbuf, p->grecv, p->grad_counts, KFAC_F32,
+    KFAC_TRY(kfac_comm_reduce_scatterv(p->comm, p->gstage, p->grecv, p->grad_counts, KFAC_F32,
                                        KFAC_STAGE_GRAD_REDUCE));
     p->stats.seconds_comm += kfac__now_seconds() - t0;
-    for (size_t i = 0; i < p->grad_counts[p->rank]; i++)
-        p->gbuf[my_off + i] = p->grecv[i] * scale;
-    return KFAC_OK;
+    for (size_t i = 0; i < mine_len; i++) p->grecv[i] *= scale;
+    return be->upload(be, p->gbuf + my_off, p->grecv, mine_len * sizeof(float));
 }
 
-static double dot(const float *a, const float *b, size_t n)
+/* Preconditions one owned layer's gradient block in place; *pg = <P, g>. */
+static kfac_status precondition_layer(kfac_precond *p, layer *L, float *block, double lambda,
+                                      double *pg)
 {
-    double s = 0;
-    for (size_t i = 0; i < n; i++) s += (double)a[i] * b[i];
-    return s;
-}
-
-/* Preconditions one owned layer's gradient block in place; returns <P, g>. */
-static double precondition_layer(kfac_precond *p, layer *L, float *block, double lambda)
-{
+    kfac_backend *be = p->be;
     size_t c = (size_t)L->channels;
     if (L->kind == KFAC_NODE_BN)
-        kfac_bn_precondition(L->channels, L->fisher_inv, (float)lambda, p->cfg.bn == KFAC_BN_DIAGONAL,
-                             block, block + c, p->pmat, p->pmat + c);
+        KFAC_TRY(be->bn_precondition(be, L->channels, L->fisher_inv, (float)lambda,
+                                     p->cfg.bn == KFAC_BN_DIAGONAL, block, block + c, p->pmat,
+                                     p->pmat + c));
     else if (p->cfg.exact_kronecker)
-        kfac_precondition_eig_exact(L->k, L->d, L->qg, L->dg, L->qa, L->da, (float)lambda, block,
-                                    p->pmat, p->tmp);
+        KFAC_TRY(be->precondition_eig_exact(be, L->k, L->d, L->qg, L->dg, L->qa, L->da,
+                                            (float)lambda, block, p->pmat, p->tmp));
     else
-        kfac_precondition(L->k, L->d, L->ginv, L->ainv, block, p->pmat, p->tmp);
-    double pg = dot(p->pmat, block, L->grad_len);
-    memcpy(block, p->pmat, L->grad_len * sizeof(float));
-    return pg;
+        KFAC_TRY(be->precondition(be, L->k, L->d, L->ginv, L->ainv, block, p->pmat, p->tmp));
+    KFAC_TRY(be->dot(be, L->grad_len, p->pmat, block, pg));
+    return copy_floats(be, block, p->pmat, L->grad_len);
 }
 
 /* Owners precondition their blocks; the KL clip scale comes from <P, g>
@@ -725,8 +772,10 @@ static kfac_status precondition_owned(kfac_precond *p, double epoch, float lr)
     double t0 = kfac__now_seconds(), lambda = damping_at(p, epoch), sum_pg = 0;
     for (int i = 0; i < p->num_layers; i++) {
         layer *L = &p->layers[i];
-        if (mine(p, L) && L->has_inverse)
-            sum_pg += precondition_layer(p, L, p->gbuf + L->grad_off, lambda);
+        double pg;
+        if (!mine(p, L) || !L->has_inverse) continue;
+        KFAC_TRY(precondition_layer(p, L, p->gbuf + L->grad_off, lambda, &pg));
+        sum_pg += pg;
     }
     double t1 = kfac__now_seconds();
     KFAC_TRY(kfac_comm_allreduce(p->comm, &sum_pg, 1, KFAC_F64, KFAC_STAGE_OTHER));
@@ -736,7 +785,8 @@ static kfac_status precondition_owned(kfac_precond *p, double epoch, float lr)
         for (int i = 0; i < p->num_layers; i++) {
             layer *L = &p->layers[i];
             if (!mine(p, L) || !L->has_inverse) continue;
-            for (size_t e = 0; e < L->grad_len; e++) p->gbuf[L->grad_off + e] *= (float)scale;
+            KFAC_TRY(p->be->axpby(p->be, L->grad_len, 0.0f, NULL, (float)scale,
+                                  p->gbuf + L->grad_off));
         }
     p->stats.last_kl_scale = scale;
     p->stats.kl_scale_sum += scale;
@@ -750,13 +800,19 @@ static kfac_status precondition_owned(kfac_precond *p, double epoch, float lr)
 /* Every owner's preconditioned blocks to everyone, then into the model. */
 static kfac_status gather_grads(kfac_precond *p)
 {
-    double t0 = kfac__now_seconds();
-    KFAC_TRY(kfac_comm_allgatherv(p->comm, p->gbuf, p->grad_counts, KFAC_F32,
-                                  KFAC_STAGE_PRECOND_GATHER));
-    p->stats.seconds_comm += kfac__now_seconds() - t0;
+    kfac_backend *be = p->be;
+    if (p->size > 1) {
+        size_t my_off = my_grad_offset(p), mine_len = p->grad_counts[p->rank];
+        KFAC_TRY(be->download(be, p->gstage + my_off, p->gbuf + my_off, mine_len * sizeof(float)));
+        double t0 = kfac__now_seconds();
+        KFAC_TRY(kfac_comm_allgatherv(p->comm, p->gstage, p->grad_counts, KFAC_F32,
+                                      KFAC_STAGE_PRECOND_GATHER));
+        p->stats.seconds_comm += kfac__now_seconds() - t0;
+        KFAC_TRY(be->upload(be, p->gbuf, p->gstage, all_grads(p) * sizeof(float)));
+    }
     float *grads = kfac_model_grads(p->model);
     for (int i = 0; i < p->num_layers; i++)
-        unpack_grad(p, &p->layers[i], p->gbuf + p->layers[i].grad_off, grads);
+        KFAC_TRY(move_grad(p, &p->layers[i], grads, p->gbuf + p->layers[i].grad_off, 0));
     return KFAC_OK;
 }
 

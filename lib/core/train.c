@@ -522,8 +522,8 @@ static kfac_status plan_slices(trainer *t)
     return KFAC_OK;
 }
 
-/* What the CUDA backend can train so far: the model's operations run on
- * the device, but K-FAC's stages, the micro-batch sums and the rank
+/* What the CUDA backend can train so far: the model's operations and
+ * K-FAC's stages run on the device, but the micro-batch sums and the rank
  * averages of BN statistics still touch parameters on the host. */
 static kfac_status check_device(const trainer *t)
 {
@@ -534,12 +534,18 @@ static kfac_status check_device(const trainer *t)
                             "device computes in f32 only)", job->train.precision);
         return KFAC_OK;
     }
-    if (strcmp(job->optimizer.name, "sgd") != 0)
-        return KFAC_ERR(KFAC_ENOTSUP, "train.device cuda: optimizer.name %s runs on the cpu "
-                        "device only so far (use sgd)", job->optimizer.name);
     if (t->size > 1 || t->micro_batches > 1)
         return KFAC_ERR(KFAC_ENOTSUP, "train.device cuda: one rank and one micro-batch only so "
                         "far (%d ranks, %d micro-batches)", t->size, t->micro_batches);
+    if (strcmp(job->optimizer.name, "kfac") != 0) return KFAC_OK;
+    if (strcmp(job->train.precision, "f16") == 0)
+        return KFAC_ERR(KFAC_ENOTSUP, "train.device cuda: optimizer kfac with train.precision f16 "
+                        "(dynamic loss scaling) is not supported; use bf16, tf32 or f32");
+    if (strcmp(job->optimizer.kfac.fisher, "sampled") == 0 &&
+        strcmp(job->train.precision, "f32") != 0 && strcmp(job->train.precision, "tf32") != 0)
+        return KFAC_ERR(KFAC_ENOTSUP, "train.device cuda: optimizer.kfac.fisher sampled needs "
+                        "float32 activations (train.precision f32 or tf32, not %s)",
+                        job->train.precision);
     return KFAC_OK;
 }
 

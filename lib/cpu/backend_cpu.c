@@ -85,6 +85,7 @@ kfac_status kfac_backend_cpu_init(int threads, kfac_backend **out)
     be->xent_result = kfac__cpu_xent_result;
     be->sgd_update = kfac__cpu_sgd_update;
     be->scale_grads = kfac__cpu_scale_grads;
+    kfac__cpu_set_kfac_ops(be);
     be->destroy = cpu_destroy;
     *out = be;
     return KFAC_OK;

@@ -98,4 +98,7 @@ kfac_status kfac__cpu_softmax_xent(kfac_backend *be, int n, int classes, const f
 kfac_status kfac__cpu_xent_result(kfac_backend *be, int n, int classes, const int32_t *labels,
                                   double *loss_sum, int *correct);
 
+/* kfac_ops.c: fills the table's K-FAC stages with factors.c's host functions. */
+void kfac__cpu_set_kfac_ops(kfac_backend *be);
+
 #endif

@@ -237,11 +237,16 @@ double kfac_factor_change(int n, const float *old_packed, const float *new_packe
     return sqrt(diff / ref);
 }
 
-double kfac_pi_correction(int na, const float *a_packed, int ng, const float *g_packed)
+double kfac_pi_from_traces(int na, double ta, int ng, double tg)
 {
-    double ta = kfac_packed_trace(na, a_packed), tg = kfac_packed_trace(ng, g_packed);
     if (!(ta > 0) || !(tg > 0)) return 1.0;
     return sqrt((ta / na) / (tg / ng));
+}
+
+double kfac_pi_correction(int na, const float *a_packed, int ng, const float *g_packed)
+{
+    return kfac_pi_from_traces(na, kfac_packed_trace(na, a_packed), ng,
+                               kfac_packed_trace(ng, g_packed));
 }
 
 double kfac_kl_clip_scale(double kl_clip, double lr, double sum_pg)
@@ -369,6 +374,25 @@ void kfac_precondition_eig_exact(int k, int d, const float *qg, const float *dg,
 }
 
 /* ---- batch norm, unit-wise ---- */
+
+void kfac_bn_sample_grads(int n, size_t per_image, int c, const float *x, const float *y,
+                          const float *dy, const float *save_mean, const float *save_invstd,
+                          int relu, float grad_scale, float *sg, float *sb)
+{
+    for (int i = 0; i < n; i++) {
+        float *sgi = sg + (size_t)i * c, *sbi = sb + (size_t)i * c;
+        memset(sgi, 0, (size_t)c * sizeof(float));
+        memset(sbi, 0, (size_t)c * sizeof(float));
+        for (size_t t = (size_t)i * per_image; t < (size_t)(i + 1) * per_image; t++) {
+            const float *xt = x + t * c, *yt = y + t * c, *dyt = dy + t * c;
+            for (int j = 0; j < c; j++) {
+                float g = relu && yt[j] <= 0.0f ? 0.0f : grad_scale * dyt[j];
+                sgi[j] += g * (xt[j] - save_mean[j]) * save_invstd[j];
+                sbi[j] += g;
+            }
+        }
+    }
+}
 
 void kfac_bn_unit_fisher(int n, int c, const float *sg, const float *sb, float *fisher)
 {

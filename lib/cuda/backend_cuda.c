@@ -1,6 +1,7 @@
 /* backend_cuda.c - the CUDA backend table: device memory, one stream, a
- * cuBLAS and a cuDNN handle, the kernels of kernels/ for every operation
- * but convolutions, which conv_cudnn.c runs through cuDNN.  All array
+ * cuBLAS, a cuSOLVER and a cuDNN handle, the kernels of kernels/ for every
+ * operation but convolutions, which conv_cudnn.c runs through cuDNN, and
+ * K-FAC's stages, which kfac_cuda.c implements.  All array
  * arguments are device pointers, labels of softmax_xent included.
  * Activations are stored in be->act_dtype (float32, bf16 or fp16, chosen
  * by set_precision before any convolution is planned), which every
@@ -459,9 +460,12 @@ static void cuda_destroy(kfac_backend *be)
         for (int i = 0; i < cu->nretired; i++) cudaFree(cu->retired[i]);
         cudaFree(cu->xent_result);
         cudaFree(cu->nonfinite);
+        cudaFree(cu->reduce);
+        if (cu->cusolver) cusolverDnDestroy(cu->cusolver);
         kfac__cudnn_conv_free(cu); /* descriptors before their handle */
         if (cu->cudnn) cudnnDestroy(cu->cudnn);
         if (cu->cublas) cublasDestroy(cu->cublas);
+        cudaFree(cu->cublas_ws);
         if (cu->stream) cudaStreamDestroy(cu->stream);
         (void)cudaGetLastError();
     }
@@ -471,6 +475,20 @@ static void cuda_destroy(kfac_backend *be)
     }
     free(cu);
     free(be);
+}
+
+/* The cuBLAS handle, bound to the backend's stream, in a workspace of its
+ * own (cuda_backend.h) of the size cuBLAS recommends: 32 MiB from Hopper
+ * (compute capability 9) on, 4 MiB before. */
+static kfac_status cublas_setup(kfac_cuda *cu, int cc_major)
+{
+    size_t bytes = (size_t)(cc_major >= 9 ? 32 : 4) << 20;
+    KFAC_CUBLAS_CHECK(cublasCreate(&cu->cublas));
+    KFAC_CUBLAS_CHECK(cublasSetStream(cu->cublas, cu->stream));
+    KFAC_CUDA_CHECK_AS("cuBLAS workspace allocation", cudaMalloc(&cu->cublas_ws, bytes));
+    count_bytes(cu, bytes, 0);
+    KFAC_CUBLAS_CHECK(cublasSetWorkspace(cu->cublas, cu->cublas_ws, bytes));
+    return KFAC_OK;
 }
 
 /* The cuDNN handle, bound to the backend's stream, and its options. */
@@ -520,13 +538,16 @@ static kfac_status cuda_setup(kfac_cuda *cu, int device)
     KFAC_CUDA_CHECK(cudaStreamCreateWithFlags(&cu->copy_stream, cudaStreamNonBlocking));
     KFAC_CUDA_CHECK(cudaEventCreateWithFlags(&cu->queued_mark, cudaEventDisableTiming));
     KFAC_CUDA_CHECK(cudaEventCreateWithFlags(&cu->uploads_done, cudaEventDisableTiming));
-    KFAC_CUBLAS_CHECK(cublasCreate(&cu->cublas));
-    KFAC_CUBLAS_CHECK(cublasSetStream(cu->cublas, cu->stream));
+    KFAC_TRY(cublas_setup(cu, prop.major));
     KFAC_TRY(cudnn_setup(cu));
     KFAC_CUDA_CHECK(cudaMalloc((void **)&cu->xent_result, sizeof *cu->xent_result));
     count_bytes(cu, sizeof *cu->xent_result, 0);
     KFAC_CUDA_CHECK(cudaMalloc((void **)&cu->nonfinite, sizeof *cu->nonfinite));
     count_bytes(cu, sizeof *cu->nonfinite, 0);
+    KFAC_CUSOLVER_CHECK(cusolverDnCreate(&cu->cusolver));
+    KFAC_CUSOLVER_CHECK(cusolverDnSetStream(cu->cusolver, cu->stream));
+    KFAC_CUDA_CHECK(cudaMalloc((void **)&cu->reduce, KFAC_K_REDUCE_DOUBLES * sizeof(double)));
+    count_bytes(cu, KFAC_K_REDUCE_DOUBLES * sizeof(double), 0);
     return KFAC_OK;
 }
 
@@ -586,6 +607,23 @@ kfac_status kfac_backend_cuda_init(int device, kfac_backend **out)
     be->graph_free = cuda_graph_free;
     be->scale_grads = cuda_scale_grads;
     be->sgd_update = cuda_sgd_update;
+    be->gram_patches_workspace = kfac__cuda_gram_patches_workspace;
+    be->gram_patches = kfac__cuda_gram_patches;
+    be->gram_rows_workspace = kfac__cuda_gram_rows_workspace;
+    be->gram_rows = kfac__cuda_gram_rows;
+    be->bn_fisher = kfac__cuda_bn_fisher;
+    be->axpby = kfac__cuda_axpby;
+    be->copy2d = kfac__cuda_copy2d;
+    be->dot = kfac__cuda_dot;
+    be->packed_trace = kfac__cuda_packed_trace;
+    be->factor_change = kfac__cuda_factor_change;
+    be->inverse_workspace = kfac__cuda_inverse_workspace;
+    be->inverse_cholesky = kfac__cuda_inverse_cholesky;
+    be->eigh = kfac__cuda_eigh;
+    be->inverse_from_eig = kfac__cuda_inverse_from_eig;
+    be->precondition = kfac__cuda_precondition;
+    be->precondition_eig_exact = kfac__cuda_precondition_eig_exact;
+    be->bn_precondition = kfac__cuda_bn_precondition;
     be->destroy = cuda_destroy;
     *out = be;
     return KFAC_OK;

@@ -44,6 +44,14 @@
  *    stem), they are asked again under CUDNN_DEFAULT_MATH, then
  *    CUDNN_FMA_MATH, before choose() gives up with the reason.
  *
+ * Fully connected layers (1x1 images, 1x1 kernel, stride 1, pad 0: plain
+ * GEMMs, kfac__fc_is_gemm) get no cuDNN plan: they run as cuBLAS GEMMs in
+ * fc_cublas.c.  The cache still records them (a plan with `gemm` set and no
+ * descriptors, one per geometry and type whatever the batch) so that
+ * KFAC_CUDNN_VERBOSE reports them once and kfac__cudnn_conv_plans counts
+ * them (the precision and TF32 are fixed once they exist); their workspace
+ * is fc_cublas.c's (kfac__fc_workspace).
+ *
  * cuDNN 9 marks this legacy API deprecated (a warning only under
  * CUDNN_WARN_DEPRECATED) but still ships it; its replacement is the graph
  * API, should a later major version drop it.
@@ -54,6 +62,7 @@
 #include <string.h>
 
 #include "cuda/conv_cudnn.h"
+#include "cuda/fc_cublas.h"
 
 /* Largest workspace one convolution may ask for, so that no layer's
  * fastest algorithm claims gigabytes of the model's arena; past it the
@@ -69,6 +78,7 @@ typedef struct conv_plan {
     kfac_conv_desc d;
     kfac_dtype dtype;                   /* of x, y, w in cuDNN: the backend's act_dtype */
     int sized;                          /* plan_bytes was reported by conv_workspace */
+    int gemm;                           /* a fully connected layer: fc_cublas.c, no descriptors */
     cudnnTensorDescriptor_t x, y;       /* (n,c,h,w), (n,k,ho,wo), NHWC */
     cudnnFilterDescriptor_t w;          /* (k,c,kh,kw) NHWC = KRSC */
     cudnnConvolutionDescriptor_t conv;
@@ -183,6 +193,7 @@ static size_t copy_bytes(const conv_plan *p)
  * sibling's) fits in the sibling's workspace. */
 static size_t plan_bytes(const conv_plan *p)
 {
+    if (p->gemm) return kfac__fc_workspace(p->dtype, &p->d);
     return p->dtype == KFAC_F32 ? p->ws_bytes : align_up(p->ws_bytes) + 2 * copy_bytes(p);
 }
 
@@ -244,7 +255,7 @@ static kfac_status plan_describe(conv_plan *p, const kfac_conv_desc *d, kfac_dty
     return KFAC_OK;
 }
 
-static void print_plan(const conv_plan *p);
+static void print_plan(const kfac_cuda *cu, const conv_plan *p);
 static void note_nondeterminism(kfac_cuda *cu, const conv_plan *p, size_t cap);
 
 /* ---- algorithm choice ---- */
@@ -416,7 +427,7 @@ static kfac_status make_plan(kfac_cuda *cu, const kfac_conv_desc *d, size_t cap,
     kfac_status st = plan_describe(p, d, cu->act_dtype);
     if (st == KFAC_OK) st = choose_all(cu, p, cap);
     if (st == KFAC_OK && out) st = cache_add(cu, p);
-    if (st == KFAC_OK && out && cu->verbose) print_plan(p);
+    if (st == KFAC_OK && out && cu->verbose) print_plan(cu, p);
     if (st == KFAC_OK && out) note_nondeterminism(cu, p, cap);
     if (st != KFAC_OK || !out) {
         plan_free(p);
@@ -445,9 +456,35 @@ static kfac_status plan_for_call(kfac_cuda *cu, const kfac_conv_desc *d, conv_pl
     return make_plan(cu, d, sib ? sib->ws_bytes : 0, out);
 }
 
+/* The record of a fully connected geometry (top of the file), made on
+ * first use whatever the batch; no cuDNN call. */
+static kfac_status gemm_plan(kfac_cuda *cu, const kfac_conv_desc *d)
+{
+    const struct kfac_conv_cache *cc = cu->convs;
+    for (int i = 0; cc && i < cc->count; i++) {
+        const conv_plan *q = cc->plans[i];
+        if (q->gemm && same_geometry(&q->d, d) && q->dtype == cu->act_dtype) return KFAC_OK;
+    }
+    conv_plan *p = calloc(1, sizeof *p);
+    if (!p) return KFAC_ERR(KFAC_ENOMEM, "conv: cannot allocate a fully connected plan");
+    p->d = *d;
+    p->dtype = cu->act_dtype;
+    p->gemm = 1;
+    p->sized = 1;
+    kfac_status st = cache_add(cu, p);
+    if (st != KFAC_OK) {
+        plan_free(p);
+        return st;
+    }
+    if (cu->verbose) print_plan(cu, p);
+    return KFAC_OK;
+}
+
 size_t kfac__cudnn_conv_workspace(kfac_cuda *cu, const kfac_conv_desc *d)
 {
     if (d->n == 0) return 0;
+    if (kfac__fc_is_gemm(d))
+        return gemm_plan(cu, d) == KFAC_OK ? kfac__fc_workspace(cu->act_dtype, d) : 0;
     conv_plan *p = find_plan(cu, d);
     if (p && !p->sized && choose_all(cu, p, WS_CAP) != KFAC_OK) return 0; /* re-plan, larger cap */
     if (!p && make_plan(cu, d, WS_CAP, &p) != KFAC_OK) return 0;
@@ -489,6 +526,10 @@ kfac_status kfac__cudnn_conv_forward(kfac_cuda *cu, const kfac_conv_desc *d, con
 {
     static const float one = 1.0f, zero = 0.0f;
     if (d->n == 0) return KFAC_OK;
+    if (kfac__fc_is_gemm(d)) {
+        KFAC_TRY(gemm_plan(cu, d));
+        return kfac__fc_forward(cu, d, x, w, bias, y, ws);
+    }
     conv_plan *p;
     KFAC_TRY(plan_for_call(cu, d, &p));
     KFAC_TRY(check_ws(p, ws));
@@ -519,6 +560,10 @@ kfac_status kfac__cudnn_conv_backward(kfac_cuda *cu, const kfac_conv_desc *d, co
             KFAC_CUDA_CHECK_AS("conv backward (empty batch)",
                                cudaMemsetAsync(db, 0, (size_t)d->k * sizeof *db, cu->stream));
         return KFAC_OK;
+    }
+    if (kfac__fc_is_gemm(d)) {
+        KFAC_TRY(gemm_plan(cu, d));
+        return kfac__fc_backward(cu, d, x, w, dy, dx, accumulate, dw, db, ws);
     }
     conv_plan *p;
     KFAC_TRY(plan_for_call(cu, d, &p));
@@ -591,9 +636,15 @@ static void plan_text(const conv_plan *p, char *buf, size_t len)
         snprintf(buf + at, len - (size_t)at, "ws %.2f MiB", (double)plan_bytes(p) / (1 << 20));
 }
 
-static void print_plan(const conv_plan *p)
+static void print_plan(const kfac_cuda *cu, const conv_plan *p)
 {
     char text[256];
+    if (p->gemm) {
+        kfac__fc_describe(cu, p->dtype, &p->d, text, sizeof text);
+        fprintf(stderr, "cudnn plan " GEOM_FMT ": fully connected, no cuDNN plan: %s\n",
+                GEOM_ARGS(&p->d), text);
+        return;
+    }
     plan_text(p, text, sizeof text);
     fprintf(stderr, "cudnn plan " GEOM_FMT ": %s\n", GEOM_ARGS(&p->d), text);
 }
@@ -619,6 +670,11 @@ static void note_nondeterminism(kfac_cuda *cu, const conv_plan *p, size_t cap)
 kfac_status kfac__cudnn_conv_describe(kfac_cuda *cu, const kfac_conv_desc *d, char *buf,
                                       size_t len)
 {
+    if (kfac__fc_is_gemm(d)) {
+        KFAC_TRY(gemm_plan(cu, d));
+        kfac__fc_describe(cu, cu->act_dtype, d, buf, len);
+        return KFAC_OK;
+    }
     conv_plan *p;
     KFAC_TRY(plan_for_call(cu, d, &p));
     plan_text(p, buf, len);

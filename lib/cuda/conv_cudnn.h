@@ -9,7 +9,12 @@
  * with that geometry, or with the same one and a smaller batch (the model's
  * partial batches), run in a workspace of that size.  Plans carry the
  * backend's act_dtype (kfac_cuda.act_dtype) when they are made and live
- * until kfac__cudnn_conv_free.  Not thread-safe, like the backend itself. */
+ * until kfac__cudnn_conv_free.  Not thread-safe, like the backend itself.
+ *
+ * Fully connected geometries (kfac__fc_is_gemm: 1x1 images and kernel,
+ * stride 1, pad 0) get no cuDNN plan: these functions hand them to
+ * fc_cublas.c (cuBLAS GEMMs) and keep only a record of them, which
+ * kfac__cudnn_conv_plans counts; their workspace is kfac__fc_workspace. */
 #ifndef KFAC_CONV_CUDNN_H
 #define KFAC_CONV_CUDNN_H
 

@@ -1,8 +1,18 @@
 /* cuda_backend.h - internal: the CUDA backend's state and its error checks.
  * Operations run in order on one non-blocking stream; only upload, download,
- * softmax_xent and scale_grads (whose results are host values) wait for it.
- * cuBLAS and cuDNN are bound to that stream.  upload_async copies on a
- * second stream, ordered against the first by two events.
+ * softmax_xent, scale_grads, dot, packed_trace and factor_change (whose
+ * results are host values) and inverse_cholesky and eigh (which report a
+ * failed factorisation) wait for it.  cuBLAS, cuSOLVER and cuDNN are bound
+ * to that stream.  upload_async copies on a second stream, ordered against
+ * the first by two events.
+ *
+ * The cuBLAS handle runs in a workspace of its own (cublas_ws, given with
+ * cublasSetWorkspace), so that cuBLAS calls captured into CUDA graphs make
+ * no allocation nodes; cublasSetStream resets it to cuBLAS's pool, so code
+ * that rebinds the stream must set it again.  Pointer mode host and math
+ * mode CUBLAS_DEFAULT_MATH are the handle's state between calls: code that
+ * changes them restores them (fc_cublas.c passes host scalars and chooses
+ * TF32 by compute type).
  *
  * Environment (read once, when the backend is created):
  *   KFAC_CUDNN_TF32=1  lets cuDNN convolutions use TF32 tensor cores (10-bit
@@ -29,6 +39,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 #include <cudnn.h>
+#include <cusolverDn.h>
 
 #include "kfac/kfac_backend.h"
 #include "../../kernels/kernels.h"
@@ -47,6 +58,8 @@ typedef struct kfac_cuda {
     cudaEvent_t queued_mark;         /* stream's work before an upload_async */
     cudaEvent_t uploads_done;        /* the last upload_async's copy */
     cublasHandle_t cublas;
+    void *cublas_ws;                 /* cuBLAS's workspace (see above) */
+    cusolverDnHandle_t cusolver;     /* K-FAC's inverses (kfac_cuda.c) */
     cudnnHandle_t cudnn;
     int allow_tf32;                  /* KFAC_CUDNN_TF32: see above */
     int deterministic;               /* KFAC_CUDNN_DETERMINISTIC: see above */
@@ -61,9 +74,11 @@ typedef struct kfac_cuda {
     int nretired;                    /* them, so they live until destroy */
     kfac_k_xent_result *xent_result; /* device */
     int *nonfinite;                  /* device flag of scale_grads */
+    double *reduce;                  /* device: KFAC_K_REDUCE_DOUBLES for dot,
+                                      * packed_trace and factor_change */
     kfac_cuda_block *blocks;         /* live cuda_alloc blocks (model arena, cuDNN */
     int nblocks, cap_blocks;         /* workspace, parameters, optimizer state) */
-    size_t bytes_held, bytes_peak;   /* blocks + scratch + results; peak_bytes */
+    size_t bytes_held, bytes_peak;   /* blocks + scratch + results + cublas_ws: peak_bytes */
 } kfac_cuda;
 
 static inline kfac_cuda *kfac__cuda(kfac_backend *be) { return (kfac_cuda *)be->impl; }
@@ -103,6 +118,35 @@ static inline kfac_status kfac__cuda_status(cudaError_t e)
                             "cuda: %s: %s", #call, cublasGetStatusString(kfac__cs));    \
     } while (0)
 
+/* The same for cuSOLVER calls (the library has no status strings). */
+static inline const char *kfac__cusolver_status_name(cusolverStatus_t s)
+{
+    switch (s) {
+    case CUSOLVER_STATUS_SUCCESS: return "success";
+    case CUSOLVER_STATUS_NOT_INITIALIZED: return "not initialized";
+    case CUSOLVER_STATUS_ALLOC_FAILED: return "allocation failed";
+    case CUSOLVER_STATUS_INVALID_VALUE: return "invalid value";
+    case CUSOLVER_STATUS_ARCH_MISMATCH: return "architecture mismatch";
+    case CUSOLVER_STATUS_EXECUTION_FAILED: return "execution failed";
+    case CUSOLVER_STATUS_INTERNAL_ERROR: return "internal error";
+    case CUSOLVER_STATUS_MATRIX_TYPE_NOT_SUPPORTED: return "matrix type not supported";
+    case CUSOLVER_STATUS_NOT_SUPPORTED: return "not supported";
+    case CUSOLVER_STATUS_INVALID_WORKSPACE: return "invalid workspace";
+    default: return "error";
+    }
+}
+
+#define KFAC_CUSOLVER_CHECK(call)                                                       \
+    do {                                                                                \
+        cusolverStatus_t kfac__ss = (call);                                             \
+        if (kfac__ss != CUSOLVER_STATUS_SUCCESS)                                        \
+            return KFAC_ERR(kfac__ss == CUSOLVER_STATUS_ALLOC_FAILED ? KFAC_ENOMEM        \
+                            : kfac__ss == CUSOLVER_STATUS_NOT_SUPPORTED ? KFAC_ENOTSUP    \
+                                                                        : KFAC_EBACKEND,  \
+                            "cuda: %s: cusolver %s (status %d)", #call,                 \
+                            kfac__cusolver_status_name(kfac__ss), (int)kfac__ss);       \
+    } while (0)
+
 /* The same for cuDNN calls; adds cuDNN's own explanation of the last
  * failure (cudnnGetLastErrorString) when it has one. */
 static inline kfac_status kfac__cudnn_fail(cudnnStatus_t s, const char *what, const char *file,
@@ -129,5 +173,43 @@ static inline kfac_status kfac__cudnn_fail(cudnnStatus_t s, const char *what, co
             return kfac__cudnn_fail(kfac__ds, (what), __FILE__, __LINE__);              \
     } while (0)
 #define KFAC_CUDNN_CHECK(call) KFAC_CUDNN_CHECK_AS(#call, call)
+
+/* K-FAC's stages (kfac_cuda.c): entries of the backend table (kfac_backend.h). */
+size_t kfac__cuda_gram_patches_workspace(const kfac_backend *be, const kfac_conv_desc *d);
+kfac_status kfac__cuda_gram_patches(kfac_backend *be, const kfac_conv_desc *d, const float *x,
+                                    int append_one, float scale, float *packed, void *ws);
+size_t kfac__cuda_gram_rows_workspace(const kfac_backend *be, size_t m, int n);
+kfac_status kfac__cuda_gram_rows(kfac_backend *be, size_t m, int n, const float *rows,
+                                 int append_one, float scale, float *packed, void *ws);
+kfac_status kfac__cuda_bn_fisher(kfac_backend *be, int n, size_t per_image, int c,
+                                 const float *x, const float *y, const float *dy,
+                                 const float *save_mean, const float *save_invstd, int relu,
+                                 float grad_scale, float *sg, float *sb, float *fisher);
+kfac_status kfac__cuda_axpby(kfac_backend *be, size_t n, float alpha, const float *x, float beta,
+                             float *y);
+kfac_status kfac__cuda_copy2d(kfac_backend *be, size_t rows, size_t row_bytes, void *dst,
+                              size_t dst_pitch, const void *src, size_t src_pitch);
+kfac_status kfac__cuda_dot(kfac_backend *be, size_t n, const float *a, const float *b,
+                           double *out);
+kfac_status kfac__cuda_packed_trace(kfac_backend *be, int n, const float *packed, double *out);
+kfac_status kfac__cuda_factor_change(kfac_backend *be, int n, const float *old_packed,
+                                     const float *new_packed, double *out);
+size_t kfac__cuda_inverse_workspace(const kfac_backend *be, int n);
+kfac_status kfac__cuda_inverse_cholesky(kfac_backend *be, int n, const float *packed,
+                                        float shift, float *inv, void *ws);
+kfac_status kfac__cuda_eigh(kfac_backend *be, int n, const float *packed, float *evals,
+                            float *evecs, void *ws);
+kfac_status kfac__cuda_inverse_from_eig(kfac_backend *be, int n, const float *evals,
+                                        const float *evecs, float shift, float *inv, void *ws);
+kfac_status kfac__cuda_precondition(kfac_backend *be, int k, int d, const float *ginv,
+                                    const float *ainv, const float *grad, float *out,
+                                    float *tmp);
+kfac_status kfac__cuda_precondition_eig_exact(kfac_backend *be, int k, int d, const float *qg,
+                                              const float *dg, const float *qa, const float *da,
+                                              float lambda, const float *grad, float *out,
+                                              float *tmp);
+kfac_status kfac__cuda_bn_precondition(kfac_backend *be, int c, const float *fisher,
+                                       float lambda, int diagonal_only, const float *dgamma,
+                                       const float *dbeta, float *pgamma, float *pbeta);
 
 #endif

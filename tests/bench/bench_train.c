@@ -4,14 +4,16 @@
  * Usage: bench_train [--model NAME] [--batch N] [--mode train|infer|sgemm]
  *                    [--optimizer sgd|kfac] [--threads T] [--seconds S]
  *                    [--device cpu|cuda] [--precision f32|tf32|bf16|f16]
+ *                    [--kfac-warmup STEPS]
  * With --optimizer kfac the step is K-FAC's with its default refresh
  * intervals (averaged over at least one full inverse interval), and the
- * seconds spent in its stages are reported beside images/s.
+ * seconds spent in its stages are reported beside images/s; its warm-up
+ * (every step refreshing, untimed) is 20 steps unless --kfac-warmup says.
  * Peak resident memory of the process is reported with each figure (run one
  * configuration per process to compare it).
  *
- * --device cuda (SGD, train or infer): the same step on the CUDA backend,
- * reported as kfac_{mode}_{model}_b{batch}_cuda_fp32 (_tf32 with --precision
+ * --device cuda (train or infer): the same step on the CUDA backend,
+ * reported as kfac_{mode}[_kfac]_{model}_b{batch}_cuda_fp32 (_tf32 with --precision
  * tf32 or under KFAC_CUDNN_TF32=1: TF32 tensor-core convolutions) with the backend's peak device memory (model arena
  * with cuDNN workspace, parameters, gradients, momentum, scratch; not the
  * CUDA context or library handles, as torch.cuda.max_memory_allocated).
@@ -21,7 +23,8 @@
  * KFAC_CUDNN_SEARCH=1 (cuDNN's timed algorithm search) in _search.  Training on
  * cuda (f32, bf16) replays forward, loss and backward from CUDA graphs as
  * the trainer does (KFAC_CUDA_GRAPHS=0: off); the line says which
- * ("cuda_graphs": true, or the reason they are off).
+ * ("cuda_graphs": true, or the reason they are off).  K-FAC on cuda (f32,
+ * tf32, bf16) runs eagerly, its stages on the device.
  * Every timed step ends with a wait for the device, so the time covers
  * finished GPU work. */
 #include <stdio.h>
@@ -64,7 +67,7 @@ static int usage(const char *why)
     if (why) fprintf(stderr, "bench_train: %s\n", why);
     fprintf(stderr, "usage: bench_train [--model M] [--batch N] [--mode train|infer|sgemm] "
                     "[--optimizer sgd|kfac] [--threads T] [--seconds S] [--device cpu|cuda] "
-                    "[--precision f32|tf32|bf16|f16]\n");
+                    "[--precision f32|tf32|bf16|f16] [--kfac-warmup STEPS]\n");
     return 2;
 }
 
@@ -78,8 +81,8 @@ static kfac_status finish(kfac_backend *be, kfac_model *m)
 /* The CUDA figure's line; precision: the activations' type, and for f32 how
  * the backend runs its convolutions. */
 static void print_cuda(const kfac_backend *be, const kfac_pass_graphs *graphs, const char *mode,
-                       const char *model, int batch, const char *precision_name, double ips,
-                       double gflops)
+                       int kfac, const char *model, int batch, const char *precision_name,
+                       double ips, double gflops)
 {
     const char *tf32 = getenv("KFAC_CUDNN_TF32");
     const char *precision = strcmp(precision_name, "f32") ? precision_name
@@ -87,20 +90,20 @@ static void print_cuda(const kfac_backend *be, const kfac_pass_graphs *graphs, c
                                                           : "fp32";
     const char *det = getenv("KFAC_CUDNN_DETERMINISTIC"), *search = getenv("KFAC_CUDNN_SEARCH");
     double peak = be->peak_bytes ? be->peak_bytes(be) / 1048576.0 : -1;
-    printf("{\"name\": \"kfac_%s_%s_b%d_cuda_%s%s%s\", \"value\": %.1f, \"unit\": "
+    printf("{\"name\": \"kfac_%s%s_%s_b%d_cuda_%s%s%s\", \"value\": %.1f, \"unit\": "
            "\"images/s\", \"step_ms\": %.2f, \"gflops\": %.1f, \"peak_gpu_mib\": %.1f, "
            "\"cuda_graphs\": ",
-           mode, model, batch, precision, det && !strcmp(det, "0") ? "_nondet" : "",
+           mode, kfac ? "_kfac" : "", model, batch, precision, det && !strcmp(det, "0") ? "_nondet" : "",
            search && !strcmp(search, "1") ? "_search" : "", ips, 1e3 * batch / ips, gflops, peak);
     const char *off = graphs ? kfac_pass_graphs_off(graphs) : "not used";
     if (!off) {
-        printf("true}\n");
+        printf("true");
         return;
     }
     putchar('"');
     for (; *off; off++) /* a JSON string: the reason, quotes and controls dropped */
         if (*off != '"' && *off != '\\' && (unsigned char)*off >= 0x20) putchar(*off);
-    printf("\"}\n");
+    putchar('"');
 }
 
 /* sgemm GFLOP/s on `threads` threads: 1536^3 products, best of several. */
@@ -128,7 +131,7 @@ int main(int argc, char **argv)
 {
     const char *model_name = "resnet8-fmnist", *mode = "train", *optimizer = "sgd",
                *device = "cpu", *precision = "f32";
-    int batch = 256, threads = 2;
+    int batch = 256, threads = 2, kfac_warmup = -1;
     double seconds = 10;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--model")) model_name = argv[i + 1];
@@ -139,14 +142,15 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--seconds")) seconds = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--device")) device = argv[i + 1];
         else if (!strcmp(argv[i], "--precision")) precision = argv[i + 1];
+        else if (!strcmp(argv[i], "--kfac-warmup")) kfac_warmup = atoi(argv[i + 1]);
         else return usage(NULL);
     }
     int gpu = !strcmp(device, "cuda");
     if (!gpu && strcmp(device, "cpu")) return usage("--device: cpu or cuda");
     if (gpu && !strcmp(mode, "sgemm"))
         return usage("--mode sgemm measures the CPU's BLAS; it takes no --device cuda");
-    if (gpu && strcmp(optimizer, "sgd"))
-        return usage("--device cuda runs --optimizer sgd only (K-FAC runs on the cpu device)");
+    if (gpu && !strcmp(optimizer, "kfac") && !strcmp(precision, "f16"))
+        return usage("--optimizer kfac takes no --precision f16 (no loss scaling with K-FAC)");
     if (!strcmp(mode, "sgemm")) {
         printf("{\"name\": \"sgemm_peak_%dthreads\", \"value\": %.1f, \"unit\": \"GFLOP/s\"}\n",
                threads, sgemm_peak(threads));
@@ -170,10 +174,11 @@ int main(int argc, char **argv)
     kfac_precond *kfac = NULL;
     kfac_precond_config kcfg;
     kfac_precond_config_defaults(&kcfg);
+    if (kfac_warmup >= 0) kcfg.warmup_steps = kfac_warmup;
     if (!strcmp(optimizer, "kfac") && kfac_precond_init(&kfac, m, &kcfg)) return die("kfac");
     kfac_pass_graphs *graphs = NULL;
     const char *use_graphs = getenv("KFAC_CUDA_GRAPHS");
-    if (gpu && train && act != KFAC_F16 && !(use_graphs && !strcmp(use_graphs, "0")) &&
+    if (gpu && train && !kfac && act != KFAC_F16 && !(use_graphs && !strcmp(use_graphs, "0")) &&
         kfac_pass_graphs_init(&graphs, m))
         return die("graphs");
     int h, w, c;
@@ -231,21 +236,21 @@ int main(int argc, char **argv)
     double macs = kfac_model_macs_per_image(m);
     double gflops = ips * macs * 2 * (train ? 3 : 1) / 1e9;
     double elapsed = now() - t0;
-    if (gpu) {
-        print_cuda(be, graphs, mode, model_name, batch, precision, ips, gflops);
-    } else {
+    if (gpu)
+        print_cuda(be, graphs, mode, kfac != NULL, model_name, batch, precision, ips, gflops);
+    else
         printf("{\"name\": \"kfac_%s%s_%s_b%d\", \"value\": %.1f, \"unit\": \"images/s\", "
                "\"step_ms\": %.2f, \"gflops\": %.1f, \"peak_rss_mib\": %.1f, \"threads\": %d",
                mode, kfac ? "_kfac" : "", model_name, batch, ips, 1e3 * batch / ips, gflops,
                peak_rss_mib(), threads);
-        if (kfac)
-            printf(", \"capture_share\": %.3f, \"invert_share\": %.3f, "
-                   "\"precondition_share\": %.3f",
-                   (after.seconds_capture - before.seconds_capture) / elapsed,
-                   (after.seconds_invert - before.seconds_invert) / elapsed,
-                   (after.seconds_precondition - before.seconds_precondition) / elapsed);
-        printf("}\n");
-    }
+    /* On cuda these are host seconds: device work a stage queues counts where the host next waits. */
+    if (kfac)
+        printf(", \"capture_share\": %.3f, \"invert_share\": %.3f, "
+               "\"precondition_share\": %.3f",
+               (after.seconds_capture - before.seconds_capture) / elapsed,
+               (after.seconds_invert - before.seconds_invert) / elapsed,
+               (after.seconds_precondition - before.seconds_precondition) / elapsed);
+    printf("}\n");
     kfac_pass_graphs_free(graphs);
     kfac_precond_free(kfac);
     kfac_sgd_free(sgd);

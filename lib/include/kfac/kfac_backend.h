@@ -182,6 +182,71 @@ struct kfac_backend {
     kfac_status (*sgd_update)(kfac_backend *be, size_t n, float *p, const float *g, float *v,
                               float lr, float mom, float wd, int nesterov);
 
+    /* ---- K-FAC's stages (kfac_factors.h has the maths, the conventions
+     * and the CPU reference of each; kfac_precond.h sequences them).
+     * Arrays are backend memory, float32 unless act_dtype is named;
+     * symmetric factors are packed (kfac_packed_len(n) floats, LAPACK 'U'),
+     * full matrices row-major.  Calls that return a host scalar through a
+     * pointer wait for the device; the others only queue work. */
+
+    /* packed = scale * P^T P for the im2col patch rows P of x (act_dtype,
+     * geometry d; d->n images), with a ones column when append_one
+     * (kfac_gram_patches).  ws: gram_patches_workspace(d) bytes. */
+    size_t (*gram_patches_workspace)(const kfac_backend *be, const kfac_conv_desc *d);
+    kfac_status (*gram_patches)(kfac_backend *be, const kfac_conv_desc *d, const float *x,
+                                int append_one, float scale, float *packed, void *ws);
+    /* packed = scale * R^T R for R = rows (m x n, act_dtype), with a ones
+     * column when append_one (kfac_gram_rows).  ws: gram_rows_workspace(m, n)
+     * bytes (0 where the backend needs none). */
+    size_t (*gram_rows_workspace)(const kfac_backend *be, size_t m, int n);
+    kfac_status (*gram_rows)(kfac_backend *be, size_t m, int n, const float *rows, int append_one,
+                             float scale, float *packed, void *ws);
+    /* Batch norm's unit-wise Fisher (kfac_bn_sample_grads, then
+     * kfac_bn_unit_fisher) of the first n images of a BN layer: x, y, dy
+     * (act_dtype) are its input, output and output gradient, per_image
+     * rows of c channels each; sg, sb: n*c floats of scratch; fisher: 3*c. */
+    kfac_status (*bn_fisher)(kfac_backend *be, int n, size_t per_image, int c, const float *x,
+                             const float *y, const float *dy, const float *save_mean,
+                             const float *save_invstd, int relu, float grad_scale, float *sg,
+                             float *sb, float *fisher);
+    /* y = alpha * x + beta * y over n floats.  beta == 0: y is only written
+     * (y = alpha * x); alpha == 0: x is not read (may be NULL). */
+    kfac_status (*axpby)(kfac_backend *be, size_t n, float alpha, const float *x, float beta,
+                         float *y);
+    /* `rows` runs of row_bytes bytes from src (runs src_pitch bytes apart)
+     * to dst (dst_pitch apart); regions do not overlap. */
+    kfac_status (*copy2d)(kfac_backend *be, size_t rows, size_t row_bytes, void *dst,
+                          size_t dst_pitch, const void *src, size_t src_pitch);
+    /* *out = sum a[i] b[i], accumulated in double. */
+    kfac_status (*dot)(kfac_backend *be, size_t n, const float *a, const float *b, double *out);
+    /* *out = kfac_packed_trace / kfac_factor_change of packed factors. */
+    kfac_status (*packed_trace)(kfac_backend *be, int n, const float *packed, double *out);
+    kfac_status (*factor_change)(kfac_backend *be, int n, const float *old_packed,
+                                 const float *new_packed, double *out);
+    /* Damped inverses of order n (kfac_inverse_cholesky, kfac_eigh,
+     * kfac_inverse_from_eig); ws: inverse_workspace(n) bytes (0 where the
+     * backend needs none).  inverse_cholesky fails with KFAC_EBACKEND,
+     * naming n and the shift, when F + shift I is not positive definite. */
+    size_t (*inverse_workspace)(const kfac_backend *be, int n);
+    kfac_status (*inverse_cholesky)(kfac_backend *be, int n, const float *packed, float shift,
+                                    float *inv, void *ws);
+    kfac_status (*eigh)(kfac_backend *be, int n, const float *packed, float *evals, float *evecs,
+                        void *ws);
+    kfac_status (*inverse_from_eig)(kfac_backend *be, int n, const float *evals,
+                                    const float *evecs, float shift, float *inv, void *ws);
+    /* out = ginv * grad * ainv (kfac_precondition) and the exact damped
+     * Kronecker inverse in the eigenbases (kfac_precondition_eig_exact);
+     * tmp: k*d floats; out may alias grad (not tmp). */
+    kfac_status (*precondition)(kfac_backend *be, int k, int d, const float *ginv,
+                                const float *ainv, const float *grad, float *out, float *tmp);
+    kfac_status (*precondition_eig_exact)(kfac_backend *be, int k, int d, const float *qg,
+                                          const float *dg, const float *qa, const float *da,
+                                          float lambda, const float *grad, float *out, float *tmp);
+    /* Per channel 2x2 solve (kfac_bn_precondition); outputs may alias inputs. */
+    kfac_status (*bn_precondition)(kfac_backend *be, int c, const float *fisher, float lambda,
+                                   int diagonal_only, const float *dgamma, const float *dbeta,
+                                   float *pgamma, float *pbeta);
+
     /* Graphs (CUDA graphs): the operations queued between capture_begin
      * and capture_end are recorded instead of run, into a graph that
      * graph_launch replays with the same arguments (pointers and scalars

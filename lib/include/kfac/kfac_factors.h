@@ -1,7 +1,9 @@
 /* kfac_factors.h - the numerical stages of K-FAC (Martens & Grosse 2015;
  * Grosse & Martens 2016 "KFC" for convolutions; Osawa et al. 2019 and
  * SP-NGD 2020), each callable on its own on host (CPU backend) arrays.
- * The optimizer that sequences them is kfac_precond.h.
+ * They are the CPU backend's K-FAC entries (kfac_backend.h) and the
+ * reference the CUDA backend's are tested against; the optimizer that
+ * sequences them through the backend table is kfac_precond.h.
  *
  * Conventions
  * - A layer's weight gradient dW is K x D row-major (K outputs; D inputs =
@@ -72,8 +74,10 @@ void kfac_factor_average(size_t len, float *running, const float *batch, float d
  * zero `old`: 0 if `new` is zero too, else INFINITY. */
 double kfac_factor_change(int n, const float *old_packed, const float *new_packed);
 
-/* pi = sqrt((tr A / na) / (tr G / ng)); 1 when either trace is not positive. */
+/* pi = sqrt((tr A / na) / (tr G / ng)); 1 when either trace is not positive.
+ * kfac_pi_from_traces takes the traces (from a backend's packed_trace). */
 double kfac_pi_correction(int na, const float *a_packed, int ng, const float *g_packed);
+double kfac_pi_from_traces(int na, double trace_a, int ng, double trace_g);
 
 /* inv = (F + shift I)^-1 as a full symmetric n x n row-major matrix, by
  * Cholesky (LAPACKE spotrf + spotri, in place in inv, no allocation).
@@ -116,6 +120,15 @@ double kfac_kl_clip_scale(double kl_clip, double lr, double sum_pg);
  *   F_j = (1/n) sum_i [sg_ij sb_ij]^T [sg_ij sb_ij]
  * stored as fisher[3*j + {0,1,2}] = {F_gg, F_gb, F_bb}. */
 void kfac_bn_unit_fisher(int n, int c, const float *sg, const float *sb, float *fisher);
+
+/* Per-sample BN gradients of the first n images of a BN layer whose input,
+ * output and output gradient x, y, dy hold per_image rows of c channels
+ * per image: with g = grad_scale * dy (0 where relu and y <= 0),
+ *   sg_ij = sum over image i's rows of g * (x - mean_j) * invstd_j,
+ *   sb_ij = sum over image i's rows of g          (sg, sb: n x c). */
+void kfac_bn_sample_grads(int n, size_t per_image, int c, const float *x, const float *y,
+                          const float *dy, const float *save_mean, const float *save_invstd,
+                          int relu, float grad_scale, float *sg, float *sb);
 
 /* Per channel: [pg, pb] = (F_j + lambda I)^-1 [dg, db] (2x2 solve in
  * double; needs lambda > 0 where F_j is singular); with diagonal_only, the
