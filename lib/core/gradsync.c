@@ -1,7 +1,8 @@
 /* gradsync.c - micro-batch gradient sums and the bucketed, overlapped
- * all-reduce of data-parallel training (kfac_gradsync.h). */
+ * all-reduce of data-parallel training (kfac_gradsync.h).  The sums and
+ * the final scaling are backend operations on the model's gradients
+ * (backend memory: device memory on a GPU). */
 #include <stdlib.h>
-#include <string.h>
 
 #include "kfac/kfac_gradsync.h"
 
@@ -21,6 +22,7 @@ struct kfac_gradsync {
     int (*tensors_of_node)[2]; /* parameter tensors each node writes (-1: none) */
     bucket *buckets;
     int num_buckets;
+    kfac_backend *be;          /* the model's: its memory holds the gradients */
     float *sum;                /* micro-batch sums (NULL if max_micro_batches == 1) */
     int micro_batches, micro;  /* this step's count, and the one running */
 };
@@ -60,6 +62,7 @@ kfac_status kfac_gradsync_init(kfac_gradsync **out, kfac_model *m, kfac_comm *co
     kfac_gradsync *gs = calloc(1, sizeof *gs);
     if (!gs) return KFAC_ERR(KFAC_ENOMEM, "gradsync: out of memory");
     gs->model = m;
+    gs->be = kfac_model_backend(m);
     gs->comm = comm;
     gs->cfg = *cfg;
     if (!gs->cfg.bucket_bytes) gs->cfg.bucket_bytes = (size_t)25 << 20;
@@ -77,10 +80,9 @@ kfac_status kfac_gradsync_init(kfac_gradsync **out, kfac_model *m, kfac_comm *co
         gs->tensors_of_node[i][1] = v.param[1];
     }
     if (st == KFAC_OK) st = make_buckets(gs, sync_tensor);
-    if (st == KFAC_OK && cfg->max_micro_batches > 1) {
-        gs->sum = malloc(kfac_model_param_count(m) * sizeof(float) + 1);
-        if (!gs->sum) st = KFAC_ERR(KFAC_ENOMEM, "gradsync: out of memory");
-    }
+    if (st == KFAC_OK && cfg->max_micro_batches > 1)
+        st = gs->be->alloc(gs->be, kfac_model_param_count(m) * sizeof(float) + 1,
+                           (void **)&gs->sum);
     if (st != KFAC_OK) {
         kfac_gradsync_free(gs);
         return st;
@@ -95,7 +97,7 @@ void kfac_gradsync_free(kfac_gradsync *gs)
     free(gs->bucket_of_tensor);
     free(gs->tensors_of_node);
     free(gs->buckets);
-    free(gs->sum);
+    if (gs->sum) gs->be->release(gs->be, gs->sum);
     free(gs);
 }
 
@@ -123,15 +125,13 @@ static kfac_status start_bucket(kfac_gradsync *gs, bucket *b)
 }
 
 /* Earlier micro-batches add into the sums; the last one adds the sums in. */
-static void accumulate(kfac_gradsync *gs, const kfac_param *p)
+static kfac_status accumulate(kfac_gradsync *gs, const kfac_param *p)
 {
+    kfac_backend *be = gs->be;
     float *g = kfac_model_grads(gs->model) + p->offset, *s = gs->sum + p->offset;
-    if (gs->micro == 0)
-        memcpy(s, g, p->count * sizeof(float));
-    else if (gs->micro < gs->micro_batches - 1)
-        for (size_t i = 0; i < p->count; i++) s[i] += g[i];
-    else
-        for (size_t i = 0; i < p->count; i++) g[i] += s[i];
+    if (gs->micro == 0) return be->copy2d(be, 1, p->count * sizeof(float), s, 0, g, 0);
+    if (gs->micro < gs->micro_batches - 1) return be->axpby(be, p->count, 1.0f, g, 1.0f, s);
+    return be->axpby(be, p->count, 1.0f, s, 1.0f, g);
 }
 
 kfac_status kfac_gradsync_node_done(kfac_gradsync *gs, int node)
@@ -140,7 +140,7 @@ kfac_status kfac_gradsync_node_done(kfac_gradsync *gs, int node)
     for (int t = 0; t < 2; t++) {
         int ti = gs->tensors_of_node[node][t];
         if (ti < 0) continue;
-        if (gs->micro_batches > 1) accumulate(gs, kfac_model_param_tensor(gs->model, ti));
+        if (gs->micro_batches > 1) KFAC_TRY(accumulate(gs, kfac_model_param_tensor(gs->model, ti)));
         int b = gs->bucket_of_tensor[ti];
         if (!last || b < 0) continue;
         if (--gs->buckets[b].tensors_left == 0 && gs->cfg.overlap)
@@ -159,6 +159,7 @@ kfac_status kfac_gradsync_finish(kfac_gradsync *gs, float scale)
     float *g = kfac_model_grads(gs->model);
     if (scale != 1.0f)
         for (int b = 0; b < gs->num_buckets; b++)
-            for (size_t i = 0; i < gs->buckets[b].count; i++) g[gs->buckets[b].offset + i] *= scale;
+            KFAC_TRY(gs->be->axpby(gs->be, gs->buckets[b].count, 0.0f, NULL, scale,
+                                   g + gs->buckets[b].offset));
     return KFAC_OK;
 }

@@ -522,9 +522,9 @@ static kfac_status plan_slices(trainer *t)
     return KFAC_OK;
 }
 
-/* What the CUDA backend can train so far: the model's operations and
- * K-FAC's stages run on the device, but the micro-batch sums and the rank
- * averages of BN statistics still touch parameters on the host. */
+/* What the CUDA backend can train so far: the model's operations, the
+ * micro-batch sums and K-FAC's stages run on the device, but several
+ * ranks would need device-aware gradient and BN-statistic reductions. */
 static kfac_status check_device(const trainer *t)
 {
     const kfac_job *job = t->job;
@@ -534,9 +534,9 @@ static kfac_status check_device(const trainer *t)
                             "device computes in f32 only)", job->train.precision);
         return KFAC_OK;
     }
-    if (t->size > 1 || t->micro_batches > 1)
-        return KFAC_ERR(KFAC_ENOTSUP, "train.device cuda: one rank and one micro-batch only so "
-                        "far (%d ranks, %d micro-batches)", t->size, t->micro_batches);
+    if (t->size > 1)
+        return KFAC_ERR(KFAC_ENOTSUP, "train.device cuda: one rank only so far (%d ranks)",
+                        t->size);
     if (strcmp(job->optimizer.name, "kfac") != 0) return KFAC_OK;
     if (strcmp(job->train.precision, "f16") == 0)
         return KFAC_ERR(KFAC_ENOTSUP, "train.device cuda: optimizer kfac with train.precision f16 "
