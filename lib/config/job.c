@@ -175,7 +175,7 @@ static const key_spec KEYS[] = {
     KEY(train, seed, T_U64, "1", ANY, "random seed (initialisation, shuffling, augmentation)"),
     KEY(train, threads, T_INT, "0", AT_LEAST(0), "compute threads (0: all cores)"),
     KEY(train, device, T_STR, "cpu", ONE_OF("cpu|cuda"),
-        "compute backend: cpu, or cuda (the first GPU CUDA_VISIBLE_DEVICES shows; one rank, SGD, for now)"),
+        "compute backend: cpu, or cuda (the first GPU CUDA_VISIBLE_DEVICES shows; one rank for now; sgd or kfac)"),
     KEY(train, precision, T_STR, "f32", ONE_OF("f32|tf32|bf16|f16"),
         "activation storage: f32, or on cuda tf32 (f32 with TF32 tensor-core convolutions, "
         "PyTorch's default) or bf16 / f16 (float32 weights and arithmetic; f16 with dynamic "
