@@ -25,7 +25,7 @@ cp "$build/tests/mpi/test_rankmap" "$build/tests/mpi/test_distributed" "$build/b
 cp "$src/jobs/"*.yaml "$stage/src/jobs/"
 if [ -d "$build/tests/mpi/reference" ]; then cp -r "$build/tests/mpi/reference" "$stage/"; fi
 cd "$stage" # tasks start in the submit folder: one every node sees
-# srun_retry: srun, relaunched once after a SIGSEGV (Open MPI 4.1.4's
+# srun_retry: srun, relaunched (3 launches at most) after a SIGSEGV (Open MPI 4.1.4's
 # MPI_Init race, explained there); a dying rank's own exit is not 139.
 srun_8=("$src/tests/slurm/srun_retry" --mpi=pmix -N 4 --ntasks-per-node=2 --time=10)
 failed=0

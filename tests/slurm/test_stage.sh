@@ -64,7 +64,7 @@ nodes_ok() {
 }
 stage() { # stage OUT LOG ARGS...: 8 ranks on 4 nodes
   local out=$1 log=$2; shift 2
-  # srun_retry: relaunched once after a SIGSEGV (Open MPI 4.1.4's MPI_Init race)
+  # srun_retry: relaunched (3 launches at most) after a SIGSEGV (Open MPI 4.1.4's MPI_Init race)
   timeout 240 "$src/tests/slurm/srun_retry" --mpi=pmix -N 4 --ntasks-per-node=2 --time=10 \
     "$work/kfac" stage \
     --to "$local_dir" --reserve-gb 0 "$@" "$ds" >"$out" 2>"$log"
