@@ -146,13 +146,15 @@ cudaError_t kfac_k_axpby(size_t n, float alpha, const float *x, float beta, floa
                          cudaStream_t stream);
 /* Double-precision reductions into work (KFAC_K_REDUCE_DOUBLES doubles,
  * the results in work[0] and work[1]), deterministic for a given size:
- *   dot:           work[0] = sum a[i] b[i]
+ *   dot:           *out = sum a[i] b[i] (out: one device double; work
+ *                  holds only the partials, so dots into different outs
+ *                  can be queued back to back)
  *   packed_trace:  work[0] = sum of the diagonal of packed order n
  *   factor_change: work[0] = sum w (new - old)^2, work[1] = sum w old^2,
  *                  w = 1 on the diagonal, 2 off it. */
 #define KFAC_K_REDUCE_BLOCKS 1024
 #define KFAC_K_REDUCE_DOUBLES (2 + 2 * KFAC_K_REDUCE_BLOCKS)
-cudaError_t kfac_k_dot(size_t n, const float *a, const float *b, double *work,
+cudaError_t kfac_k_dot(size_t n, const float *a, const float *b, double *work, double *out,
                        cudaStream_t stream);
 cudaError_t kfac_k_packed_trace(int n, const float *packed, double *work, cudaStream_t stream);
 cudaError_t kfac_k_factor_change(int n, const float *old_packed, const float *new_packed,

@@ -360,8 +360,9 @@ static __global__ void reduce2_kernel(size_t n, F f, double *partial)
     }
 }
 
-/* Level 2, one block: result[0..1] = the sums of the parts. */
-static __global__ void reduce2_final_kernel(unsigned parts, const double *partial, double *result)
+/* Level 2, one block: *r0, *r1 (if not NULL) = the sums of the parts. */
+static __global__ void reduce2_final_kernel(unsigned parts, const double *partial, double *r0,
+                                            double *r1)
 {
     double s0 = 0.0, s1 = 0.0;
     for (unsigned i = threadIdx.x; i < parts; i += RED_THREADS) {
@@ -370,19 +371,21 @@ static __global__ void reduce2_final_kernel(unsigned parts, const double *partia
     }
     block_sum2(s0, s1);
     if (threadIdx.x == 0) {
-        result[0] = s0;
-        result[1] = s1;
+        *r0 = s0;
+        if (r1) *r1 = s1;
     }
 }
 
+/* The partials go to work + 2, the sums to r0 and r1 (r1 may be NULL). */
 template <typename F>
-static cudaError_t reduce2(size_t n, F f, double *work, cudaStream_t stream)
+static cudaError_t reduce2(size_t n, F f, double *work, double *r0, double *r1,
+                           cudaStream_t stream)
 {
     size_t blocks = (n + RED_THREADS - 1) / RED_THREADS;
     if (blocks < 1) blocks = 1; /* n == 0: zeros */
     if (blocks > KFAC_K_REDUCE_BLOCKS) blocks = KFAC_K_REDUCE_BLOCKS;
     reduce2_kernel<F><<<(unsigned)blocks, RED_THREADS, 0, stream>>>(n, f, work + 2);
-    reduce2_final_kernel<<<1, RED_THREADS, 0, stream>>>((unsigned)blocks, work + 2, work);
+    reduce2_final_kernel<<<1, RED_THREADS, 0, stream>>>((unsigned)blocks, work + 2, r0, r1);
     return cudaGetLastError();
 }
 
@@ -425,15 +428,15 @@ struct change_term {
 };
 
 extern "C" cudaError_t kfac_k_dot(size_t n, const float *a, const float *b, double *work,
-                                  cudaStream_t stream)
+                                  double *out, cudaStream_t stream)
 {
-    return reduce2(n, dot_term{a, b}, work, stream);
+    return reduce2(n, dot_term{a, b}, work, out, (double *)NULL, stream);
 }
 
 extern "C" cudaError_t kfac_k_packed_trace(int n, const float *packed, double *work,
                                            cudaStream_t stream)
 {
-    return reduce2((size_t)(n > 0 ? n : 0), trace_term{packed}, work, stream);
+    return reduce2((size_t)(n > 0 ? n : 0), trace_term{packed}, work, work, work + 1, stream);
 }
 
 extern "C" cudaError_t kfac_k_factor_change(int n, const float *old_packed,
@@ -441,7 +444,7 @@ extern "C" cudaError_t kfac_k_factor_change(int n, const float *old_packed,
                                             cudaStream_t stream)
 {
     size_t len = n > 0 ? (size_t)n * (n + 1) / 2 : 0;
-    return reduce2(len, change_term{old_packed, new_packed}, work, stream);
+    return reduce2(len, change_term{old_packed, new_packed}, work, work, work + 1, stream);
 }
 
 /* ---- batch norm, unit-wise ---- */

@@ -64,6 +64,7 @@ struct kfac_precond {
     uint16_t *fsend16, *frecv16; /* the same in f16/bf16 */
     float *micro_tmp;            /* one micro-batch's factor estimate */
     double *changes;             /* per-layer factor change (adaptive interval) */
+    double *pg, *pg_host;        /* per-layer <P, g> (backend memory), its host copy */
     unsigned char *tensor_owned; /* parameter tensors of K-FAC layers */
     void *gram_ws;
     float *sg, *sb;              /* bn per-sample sums: max_batch x max channels */
@@ -188,6 +189,7 @@ static kfac_status init_layers(kfac_precond *p)
     KFAC_TRY(alloc_floats(p, (size_t)max_batch * max_c, &p->sb));
     KFAC_TRY(alloc_floats(p, max_kd > 2 * max_c ? max_kd : 2 * max_c, &p->pmat));
     KFAC_TRY(alloc_floats(p, max_kd, &p->tmp));
+    KFAC_TRY(be->alloc(be, ((size_t)p->num_layers + 1) * sizeof(double), (void **)&p->pg));
     size_t max_factor = 1, factors = 0, grads = 0;
     for (int i = 0; i < p->num_layers; i++) {
         layer *L = &p->layers[i];
@@ -202,10 +204,11 @@ static kfac_status init_layers(kfac_precond *p)
     p->gstage = malloc((grads + 1) * sizeof(float));
     p->grecv = malloc((grads + 1) * sizeof(float));
     p->changes = malloc(((size_t)p->num_layers + 1) * sizeof(double));
+    p->pg_host = malloc(((size_t)p->num_layers + 1) * sizeof(double));
     p->order = malloc(((size_t)p->num_layers + 1) * sizeof(int));
     p->tensor_owned = calloc((size_t)kfac_model_num_param_tensors(m) + 1, 1);
-    if (!p->fsend || !p->frecv || !p->gstage || !p->grecv || !p->changes || !p->order ||
-        !p->tensor_owned)
+    if (!p->fsend || !p->frecv || !p->gstage || !p->grecv || !p->changes || !p->pg_host ||
+        !p->order || !p->tensor_owned)
         return KFAC_ERR(KFAC_ENOMEM, "kfac: out of memory");
     for (int i = 0; i < p->num_layers; i++) {
         p->tensor_owned[p->layers[i].weight] = 1;
@@ -270,6 +273,7 @@ void kfac_precond_free(kfac_precond *p)
     }
     RELEASE(p->gram_ws); RELEASE(p->inv_ws); RELEASE(p->sg); RELEASE(p->sb);
     RELEASE(p->pmat); RELEASE(p->tmp); RELEASE(p->micro_tmp); RELEASE(p->gbuf);
+    RELEASE(p->pg);
 #undef RELEASE
     kfac_comm_free(p->self_comm);
     free(p->fsend);
@@ -279,6 +283,7 @@ void kfac_precond_free(kfac_precond *p)
     free(p->fsend16);
     free(p->frecv16);
     free(p->changes);
+    free(p->pg_host);
     free(p->counts); /* grad_counts shares it */
     free(p->order);
     free(p->tensor_owned);
@@ -746,7 +751,8 @@ static kfac_status reduce_grads(kfac_precond *p, float scale)
     return be->upload(be, p->gbuf + my_off, p->grecv, mine_len * sizeof(float));
 }
 
-/* Preconditions one owned layer's gradient block in place; *pg = <P, g>. */
+/* Preconditions one owned layer's gradient block in place; *pg (backend
+ * memory) = <P, g>. */
 static kfac_status precondition_layer(kfac_precond *p, layer *L, float *block, double lambda,
                                       double *pg)
 {
@@ -766,17 +772,20 @@ static kfac_status precondition_layer(kfac_precond *p, layer *L, float *block, d
 }
 
 /* Owners precondition their blocks; the KL clip scale comes from <P, g>
- * summed over all layers (an f64 all-reduce of the owners' partial sums). */
+ * summed over all layers (an f64 all-reduce of the owners' partial sums).
+ * The per-layer dots stay in backend memory until all are queued: one
+ * download (one wait on a device) reads them, summed in layer order. */
 static kfac_status precondition_owned(kfac_precond *p, double epoch, float lr)
 {
     double t0 = kfac__now_seconds(), lambda = damping_at(p, epoch), sum_pg = 0;
     for (int i = 0; i < p->num_layers; i++) {
         layer *L = &p->layers[i];
-        double pg;
         if (!mine(p, L) || !L->has_inverse) continue;
-        KFAC_TRY(precondition_layer(p, L, p->gbuf + L->grad_off, lambda, &pg));
-        sum_pg += pg;
+        KFAC_TRY(precondition_layer(p, L, p->gbuf + L->grad_off, lambda, &p->pg[i]));
     }
+    KFAC_TRY(p->be->download(p->be, p->pg_host, p->pg, (size_t)p->num_layers * sizeof(double)));
+    for (int i = 0; i < p->num_layers; i++)
+        if (mine(p, &p->layers[i]) && p->layers[i].has_inverse) sum_pg += p->pg_host[i];
     double t1 = kfac__now_seconds();
     KFAC_TRY(kfac_comm_allreduce(p->comm, &sum_pg, 1, KFAC_F64, KFAC_STAGE_OTHER));
     double t2 = kfac__now_seconds();

@@ -4,9 +4,10 @@
  * core GEMMs for 16-bit activations, or TF32 where allowed), damped
  * inverses by cuSOLVER (spotrf + spotri, ssyevd), preconditioning by
  * sgemm, and the kernels of kernels/kfac.cu between the library calls.
- * All work is queued on the backend's stream; dot, packed_trace and
- * factor_change wait for their double result, inverse_cholesky and eigh
- * for cuSOLVER's info (to report a failed factorisation, as the CPU does).
+ * All work is queued on the backend's stream; packed_trace and
+ * factor_change wait for their double result (dot leaves its result in
+ * device memory), inverse_cholesky and eigh for cuSOLVER's info (to report
+ * a failed factorisation, as the CPU does).
  *
  * Row-major arrays, column-major libraries: a row-major r x c matrix is
  * the column-major c x r matrix (its transpose) with leading dimension c,
@@ -266,14 +267,12 @@ static kfac_status read_reduce(kfac_cuda *cu, const char *what, double r[2])
     return KFAC_OK;
 }
 
+/* Queued: out is device memory, read when the caller downloads it. */
 kfac_status kfac__cuda_dot(kfac_backend *be, size_t n, const float *a, const float *b,
                            double *out)
 {
     kfac_cuda *cu = kfac__cuda(be);
-    double r[2];
-    KFAC_CUDA_CHECK_AS("dot", kfac_k_dot(n, a, b, cu->reduce, cu->stream));
-    KFAC_TRY(read_reduce(cu, "dot (result)", r));
-    *out = r[0];
+    KFAC_CUDA_CHECK_AS("dot", kfac_k_dot(n, a, b, cu->reduce, out, cu->stream));
     return KFAC_OK;
 }
 

@@ -217,7 +217,9 @@ struct kfac_backend {
      * to dst (dst_pitch apart); regions do not overlap. */
     kfac_status (*copy2d)(kfac_backend *be, size_t rows, size_t row_bytes, void *dst,
                           size_t dst_pitch, const void *src, size_t src_pitch);
-    /* *out = sum a[i] b[i], accumulated in double. */
+    /* *out = sum a[i] b[i], accumulated in double; out is backend memory
+     * (one double), written in queue order like any result: read it with
+     * download (so many dots cost one wait on a device). */
     kfac_status (*dot)(kfac_backend *be, size_t n, const float *a, const float *b, double *out);
     /* *out = kfac_packed_trace / kfac_factor_change of packed factors. */
     kfac_status (*packed_trace)(kfac_backend *be, int n, const float *packed, double *out);
