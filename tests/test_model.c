@@ -3,7 +3,8 @@
  * against central finite differences of the mean loss, evaluated in double
  * from the float forward), eval-mode chunking, BN train/eval semantics,
  * determinism, no allocation after finalize, the loss in parts (as graph
- * captures run it), and the input bound to another buffer. */
+ * captures run it), the input bound to another buffer, and the memory plan
+ * (which activations share memory) against ResNet-50's architecture. */
 #include <malloc.h>
 #include <string.h>
 
@@ -239,6 +240,64 @@ static void check_loss_parts_and_binding(void)
     kfac_model_free(m);
 }
 
+static size_t round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+/* ResNet-50's memory plan at 224x224, batch 2, against counts from its
+ * architecture: the forward-only activations are the last bn of each of
+ * the 16 bottlenecks and the 4 shortcut bns (no ReLU, read only by their
+ * add); every other activation, and every value's gradient, is accounted
+ * for from the layer views; two forward-only activations (a stage's first
+ * branch and its shortcut) are live at once, so they take two slots of the
+ * largest. */
+static void check_memory(void)
+{
+    const int batch = 2;
+    kfac_model *m = NULL;
+    CHECK_OK(kfac_resnet_build("resnet50", NULL, be, batch, 1, &m));
+    if (!m) return;
+    kfac_model_memory mem;
+    kfac_model_get_memory(m, &mem);
+    const size_t f = sizeof(float);
+    /* per image: stages at 56, 28, 14, 7 pixels with 256..2048 channels */
+    const size_t branch = 3 * 56 * 56 * 256 + 4 * 28 * 28 * 512 + 6 * 14 * 14 * 1024 +
+                          3 * 7 * 7 * 2048,
+                 shortcut = 56 * 56 * 256 + 28 * 28 * 512 + 14 * 14 * 1024 + 7 * 7 * 2048;
+    const size_t fwd = (branch + shortcut) * batch * f;
+    CHECK(mem.forward_only_activations == fwd, "forward-only activations: %zu bytes, expected %zu",
+          mem.forward_only_activations, fwd);
+    CHECK(mem.forward_only_slots == 2 * (size_t)56 * 56 * 256 * batch * f,
+          "forward-only slots: %zu bytes, expected two of 56x56x256", mem.forward_only_slots);
+    size_t all = round64((size_t)batch * 224 * 224 * 3 * f), grads = 0, bn_saves = 0;
+    for (int i = 0; i < kfac_model_num_nodes(m); i++) {
+        kfac_layer_view v;
+        kfac_model_layer(m, i, batch, &v);
+        size_t out = round64(v.rows * (size_t)v.channels * f);
+        all += out;
+        grads += out;
+        if (v.kind == KFAC_NODE_BN) bn_saves += 2 * round64((size_t)v.channels * f);
+    }
+    CHECK(mem.kept_activations + mem.forward_only_activations == all,
+          "kept %zu + forward-only %zu bytes != all activations %zu", mem.kept_activations,
+          mem.forward_only_activations, all);
+    CHECK(mem.value_gradients == grads, "value gradients: %zu bytes, expected %zu",
+          mem.value_gradients, grads);
+    CHECK(mem.gradient_slots < grads / 4, "gradient slots %zu bytes of %zu", mem.gradient_slots,
+          grads);
+    size_t shared = mem.forward_only_slots > mem.gradient_slots ? mem.forward_only_slots
+                                                                : mem.gradient_slots;
+    CHECK(mem.arena == mem.kept_activations + bn_saves + shared,
+          "arena %zu bytes != kept %zu + BN saves %zu + shared %zu", mem.arena,
+          mem.kept_activations, bn_saves, shared);
+    CHECK(kfac_model_arena_bytes(m) == mem.arena + mem.workspace, "arena bytes");
+    printf("resnet50 b%d: kept activations %.1f MiB, forward-only %.1f in %.1f MiB, gradients "
+           "%.1f in %.1f MiB, arena %.1f MiB (%.0f%% of keeping everything)\n",
+           batch, mem.kept_activations / 1048576.0, mem.forward_only_activations / 1048576.0,
+           mem.forward_only_slots / 1048576.0, mem.value_gradients / 1048576.0,
+           mem.gradient_slots / 1048576.0, mem.arena / 1048576.0,
+           100.0 * mem.arena / (all + bn_saves + mem.gradient_slots));
+    kfac_model_free(m);
+}
+
 int main(void)
 {
     CHECK_OK(kfac_backend_get("cpu", 2, &be));
@@ -253,6 +312,7 @@ int main(void)
     check_determinism();
     check_no_allocation();
     check_loss_parts_and_binding();
+    check_memory();
     kfac_backend_free(be);
     return test_summary("test_model");
 }

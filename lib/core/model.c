@@ -2,8 +2,9 @@
  *
  * A model is a list of nodes in execution order over a table of values
  * (tensors).  Each value has an activation buffer and a gradient buffer in
- * one arena; parameters, their gradients and BN running statistics live in
- * a second single allocation.  Backward walks the nodes in reverse; a value
+ * one arena (shared where lifetimes allow: see "memory plan"); parameters,
+ * their gradients and BN running statistics live in a second single
+ * allocation.  Backward walks the nodes in reverse; a value
  * read by two nodes (a residual block's input) has its gradient written by
  * the first and accumulated into by the second.
  *
@@ -59,6 +60,7 @@ struct kfac_model {
     float *params_data, *grads_data, *buffers_data; /* one allocation */
     void *arena;
     size_t arena_bytes;
+    kfac_model_memory mem;
     void *workspace;
     size_t workspace_bytes;
     kfac_status build_status; /* first failure while building */
@@ -304,13 +306,105 @@ static void init_params(const kfac_model *m, uint64_t seed, float *params, float
 
 static size_t round_bytes(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
-/* Backward steps (0 = first node undone) at which each value's gradient is
- * first written (by its last consumer; -1 for the logits, written by the
- * loss) and last read (by its producer). */
-static void grad_lifetimes(const kfac_model *m, int *first, int *last)
+/* ---- memory plan ----
+ *
+ * An activation is kept for the whole step when backward reads it (and so
+ * K-FAC's capture, which reads what backward reads): the input of a conv,
+ * fc, bn or max pool; the output of a relu or max pool, or of a bn or add
+ * with a fused ReLU (its mask).  The model's input and the logits are kept
+ * too (callers fill and read them).  Every other activation -- in a ResNet
+ * the last bn of each residual branch and of each shortcut, read only by
+ * their add -- is dead once its last forward reader has run, and such
+ * forward-only activations share slots.  Value gradients live only inside
+ * a backward pass and share slots too.  A forward never runs between a
+ * loss and its backward, so the two shared regions overlap in the arena.
+ *
+ * Arena: [ kept activations | float32 input | BN saves | shared region ]
+ * where the shared region is max(forward-only slots, gradient slots). */
+
+/* kept[v]: does backward read value v's activation (see above)? */
+static void mark_kept(const kfac_model *m, unsigned char *kept)
+{
+    memset(kept, 0, (size_t)m->num_values);
+    kept[0] = kept[m->num_values - 1] = 1;
+    for (int i = 0; i < m->num_nodes; i++) {
+        const node *nd = &m->nodes[i];
+        switch (nd->kind) {
+        case KFAC_NODE_CONV:
+        case KFAC_NODE_FC:
+            kept[nd->in[0]] = 1;
+            break;
+        case KFAC_NODE_BN:
+            kept[nd->in[0]] = 1;
+            if (nd->relu) kept[nd->out] = 1;
+            break;
+        case KFAC_NODE_MAXPOOL:
+            kept[nd->in[0]] = kept[nd->out] = 1;
+            break;
+        case KFAC_NODE_RELU:
+            kept[nd->out] = 1;
+            break;
+        case KFAC_NODE_ADD:
+            if (nd->relu) kept[nd->out] = 1;
+            break;
+        case KFAC_NODE_GAP:
+            break;
+        }
+    }
+}
+
+static size_t act_bytes(const kfac_model *m, int v)
+{
+    return round_bytes((size_t)m->max_batch * value_floats(&m->values[v]) * m->act_size);
+}
+
+/* Greedy best fit of buffers into shared slots: buffer v (need[v] > 0
+ * bytes) lives over steps [first[v], last[v]] and may take a slot whose
+ * holder's last step is before first[v]; buffers are placed in order of
+ * first step, t0 <= first < t1.  off[v]: the offset of v's slot in the
+ * region; *bytes: the region's size. */
+static kfac_status share_slots(int nv, const size_t *need, const int *first, const int *last,
+                               int t0, int t1, size_t *off, size_t *bytes)
+{
+    int *free_after = malloc((size_t)nv * sizeof(int)), slots = 0;
+    size_t *slot_off = malloc(2 * (size_t)nv * sizeof(size_t));
+    if (!free_after || !slot_off) {
+        free(free_after);
+        free(slot_off);
+        return KFAC_ERR(KFAC_ENOMEM, "model: out of memory");
+    }
+    size_t *slot_size = slot_off + nv, total = 0;
+    for (int t = t0; t < t1; t++)
+        for (int v = 0; v < nv; v++) {
+            if (first[v] != t || need[v] == 0) continue;
+            int best = -1;
+            for (int s = 0; s < slots; s++)
+                if (free_after[s] < t && slot_size[s] >= need[v] &&
+                    (best < 0 || slot_size[s] < slot_size[best]))
+                    best = s;
+            if (best < 0) {
+                best = slots++;
+                slot_off[best] = total;
+                slot_size[best] = need[v];
+                total += need[v];
+            }
+            free_after[best] = last[v];
+            off[v] = slot_off[best];
+        }
+    free(free_after);
+    free(slot_off);
+    *bytes = total;
+    return KFAC_OK;
+}
+
+/* Gradient lifetimes in backward steps (0 = first node undone): a value's
+ * gradient is first written by its last consumer (the logits': by the
+ * loss, step -1) and last read by its producer.  The input needs none. */
+static void grad_lifetimes(const kfac_model *m, size_t *need, int *first, int *last)
 {
     int steps = m->num_nodes;
     for (int v = 0; v < m->num_values; v++) {
+        need[v] = v == 0 ? 0 : act_bytes(m, v);
         first[v] = steps;
         last[v] = -1;
     }
@@ -323,59 +417,50 @@ static void grad_lifetimes(const kfac_model *m, int *first, int *last)
     first[m->num_values - 1] = -1;
 }
 
-/* Gradient buffers whose lifetimes do not overlap share memory: a value's
- * gradient is dead once its producer's backward has read it.  Greedy best
- * fit in order of first write; *bytes receives the gradient region's size. */
-static kfac_status plan_gradients(kfac_model *m, char *base, size_t *bytes)
+/* Forward-only activations' lifetimes in forward steps: from their
+ * producer to their last reader. */
+static void forward_lifetimes(const kfac_model *m, const unsigned char *kept, size_t *need,
+                              int *first, int *last)
 {
-    int nv = m->num_values;
-    int *first = malloc(3 * (size_t)nv * sizeof(int));
-    size_t *slot_off = malloc(2 * (size_t)nv * sizeof(size_t));
-    if (!first || !slot_off) {
-        free(first);
-        free(slot_off);
-        return KFAC_ERR(KFAC_ENOMEM, "model: out of memory");
+    for (int v = 0; v < m->num_values; v++) {
+        need[v] = kept[v] ? 0 : act_bytes(m, v);
+        first[v] = last[v] = -1;
     }
-    int *last = first + nv, *slot_free_after = last + nv, slots = 0;
-    size_t *slot_size = slot_off + nv, total = 0;
-    grad_lifetimes(m, first, last);
-    for (int t = -1; t < m->num_nodes; t++)
-        for (int v = 1; v < nv; v++) { /* the input needs no gradient */
-            if (first[v] != t) continue;
-            size_t need =
-                round_bytes((size_t)m->max_batch * value_floats(&m->values[v]) * m->act_size);
-            int best = -1;
-            for (int s = 0; s < slots; s++)
-                if (slot_free_after[s] < t && slot_size[s] >= need &&
-                    (best < 0 || slot_size[s] < slot_size[best]))
-                    best = s;
-            if (best < 0) {
-                best = slots++;
-                slot_off[best] = total;
-                slot_size[best] = need;
-                total += need;
-            }
-            slot_free_after[best] = last[v];
-            m->values[v].grad = base ? (float *)(base + slot_off[best]) : NULL;
-        }
-    free(first);
-    free(slot_off);
-    *bytes = total;
-    return KFAC_OK;
+    for (int i = 0; i < m->num_nodes; i++) {
+        const node *nd = &m->nodes[i];
+        first[nd->out] = last[nd->out] = i;
+        for (int k = 0; k < 2; k++)
+            if (nd->in[k] >= 0 && i > last[nd->in[k]]) last[nd->in[k]] = i;
+    }
 }
 
-/* Places activations, BN save buffers and then the shared gradient region
- * in the arena (at `base`, or nowhere to measure); *bytes gets its size. */
-static kfac_status plan_arena(kfac_model *m, char *base, size_t *bytes)
+/* Places every buffer of the arena (at `base`, or nowhere to measure) and
+ * fills m->mem. */
+static kfac_status plan_arena(kfac_model *m, char *base)
 {
-    size_t off = 0;
+    const int nv = m->num_values;
+    unsigned char *kept = malloc((size_t)nv);
+    int *first = calloc(2 * (size_t)nv, sizeof(int));
+    size_t *need = calloc(2 * (size_t)nv, sizeof(size_t));
+    if (!kept || !first || !need) {
+        free(kept);
+        free(first);
+        free(need);
+        return KFAC_ERR(KFAC_ENOMEM, "model: out of memory");
+    }
+    int *last = first + nv;
+    size_t *off = need + nv, off_end = 0, fwd_bytes = 0, grad_bytes = 0;
+    kfac_model_memory *mem = &m->mem;
+    memset(mem, 0, sizeof *mem);
+    mark_kept(m, kept);
 #define CARVE(ptr, bytes)                                       \
     do {                                                        \
-        (ptr) = base ? (float *)(base + off) : NULL;            \
-        off += round_bytes(bytes);                              \
+        (ptr) = base ? (float *)(base + off_end) : NULL;        \
+        off_end += round_bytes(bytes);                          \
     } while (0)
-    for (int i = 0; i < m->num_values; i++)
-        CARVE(m->values[i].data, (size_t)m->max_batch * value_floats(&m->values[i]) * m->act_size);
+    for (int v = 0; v < nv; v++)
+        if (kept[v]) CARVE(m->values[v].data, act_bytes(m, v));
+    mem->kept_activations = off_end;
     if (m->act_size != sizeof(float))
         CARVE(m->input32, (size_t)m->max_batch * value_floats(&m->values[0]) * sizeof(float));
     for (int i = 0; i < m->num_nodes; i++) {
@@ -385,9 +470,29 @@ static kfac_status plan_arena(kfac_model *m, char *base, size_t *bytes)
         CARVE(nd->save_invstd, (size_t)m->values[nd->out].c * sizeof(float));
     }
 #undef CARVE
-    size_t grads = 0;
-    KFAC_TRY(plan_gradients(m, base ? base + off : NULL, &grads));
-    *bytes = off + grads;
+    char *shared = base ? base + off_end : NULL;
+    forward_lifetimes(m, kept, need, first, last);
+    kfac_status st = share_slots(nv, need, first, last, 0, m->num_nodes, off, &fwd_bytes);
+    for (int v = 0; v < nv && st == KFAC_OK; v++)
+        if (!kept[v]) {
+            mem->forward_only_activations += need[v];
+            m->values[v].data = shared ? (float *)(shared + off[v]) : NULL;
+        }
+    if (st == KFAC_OK) {
+        grad_lifetimes(m, need, first, last);
+        st = share_slots(nv, need, first, last, -1, m->num_nodes, off, &grad_bytes);
+    }
+    for (int v = 0; v < nv && st == KFAC_OK; v++) {
+        m->values[v].grad = shared && v > 0 ? (float *)(shared + off[v]) : NULL;
+        mem->value_gradients += need[v];
+    }
+    free(kept);
+    free(first);
+    free(need);
+    KFAC_TRY(st);
+    mem->forward_only_slots = fwd_bytes;
+    mem->gradient_slots = grad_bytes;
+    mem->arena = off_end + (fwd_bytes > grad_bytes ? fwd_bytes : grad_bytes);
     return KFAC_OK;
 }
 
@@ -403,7 +508,8 @@ kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed)
     if (m->act_size != sizeof(float) && !be->convert)
         return KFAC_ERR(KFAC_ENOTSUP, "model: backend '%s' stores %s activations but cannot "
                         "convert its input", be->name, kfac_dtype_name(be->act_dtype));
-    KFAC_TRY(plan_arena(m, NULL, &m->arena_bytes));
+    KFAC_TRY(plan_arena(m, NULL));
+    m->arena_bytes = m->mem.arena;
     for (int i = 0; i < m->num_nodes; i++) {
         const node *nd = &m->nodes[i];
         if (nd->kind == KFAC_NODE_CONV || nd->kind == KFAC_NODE_FC) {
@@ -417,8 +523,7 @@ kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed)
     KFAC_TRY(be->alloc(be, m->workspace_bytes ? m->workspace_bytes : 64, &m->workspace));
     KFAC_TRY(be->alloc(be, flat * sizeof(float), &flat_mem));
     KFAC_TRY(be->alloc(be, (size_t)m->max_batch * sizeof(int32_t), (void **)&m->labels));
-    size_t placed;
-    KFAC_TRY(plan_arena(m, m->arena, &placed));
+    KFAC_TRY(plan_arena(m, m->arena));
     m->own_input = kfac_model_input(m);
     m->params_data = flat_mem;
     m->grads_data = m->params_data + m->param_count;
@@ -754,6 +859,11 @@ float *kfac_model_buffers(kfac_model *m) { return m->buffers_data; }
 size_t kfac_model_buffer_count(const kfac_model *m) { return m->buffer_count; }
 double kfac_model_macs_per_image(const kfac_model *m) { return m->macs; }
 size_t kfac_model_arena_bytes(const kfac_model *m) { return m->arena_bytes + m->workspace_bytes; }
+void kfac_model_get_memory(const kfac_model *m, kfac_model_memory *out)
+{
+    *out = m->mem;
+    out->workspace = m->workspace_bytes;
+}
 kfac_backend *kfac_model_backend(kfac_model *m) { return m->be; }
 
 void kfac_model_set_loss_scale(kfac_model *m, float scale) { m->loss_scale = scale; }

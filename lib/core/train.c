@@ -597,11 +597,13 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
     if (cb && cb->on_start) {
         char summary[1024];
         snprintf(summary, sizeof summary,
-                 "%s: %zu parameters, %.1f M MACs/image; %zu train / %zu test images; "
+                 "%s: %zu parameters, %.1f M MACs/image, %.0f MiB of activations and "
+                 "workspace; %zu train / %zu test images; "
                  "batch %d = %d ranks x %d micro-batches x %d, %zu steps/epoch, %d epochs; "
                  "backend %s (precision %s%s), %d threads/rank; comm %s",
                  job->model.name, kfac_model_param_count(t->model),
-                 kfac_model_macs_per_image(t->model) / 1e6, t->train_set->count,
+                 kfac_model_macs_per_image(t->model) / 1e6,
+                 kfac_model_arena_bytes(t->model) / 1048576.0, t->train_set->count,
                  t->test_set->count, job->train.batch_size, t->size, t->micro_batches,
                  t->micro_size, kfac_batcher_batches_per_epoch(t->train_batches),
                  job->train.epochs, t->be->name, job->train.precision,

@@ -10,7 +10,8 @@
  * seconds spent in its stages are reported beside images/s; its warm-up
  * (every step refreshing, untimed) is 20 steps unless --kfac-warmup says.
  * Peak resident memory of the process is reported with each figure (run one
- * configuration per process to compare it).
+ * configuration per process to compare it), with the model's arena
+ * (kfac_model_memory: kept activations, the shared region, workspace).
  *
  * --device cuda (train or infer): the same step on the CUDA backend,
  * reported as kfac_{mode}[_kfac]_{model}_b{batch}_cuda_fp32 (_tf32 with --precision
@@ -243,6 +244,14 @@ int main(int argc, char **argv)
                "\"step_ms\": %.2f, \"gflops\": %.1f, \"peak_rss_mib\": %.1f, \"threads\": %d",
                mode, kfac ? "_kfac" : "", model_name, batch, ips, 1e3 * batch / ips, gflops,
                peak_rss_mib(), threads);
+    kfac_model_memory mem;
+    kfac_model_get_memory(m, &mem);
+    printf(", \"arena_mib\": %.1f, \"kept_activations_mib\": %.1f, \"shared_mib\": %.1f, "
+           "\"workspace_mib\": %.1f",
+           mem.arena / 1048576.0, mem.kept_activations / 1048576.0,
+           (mem.forward_only_slots > mem.gradient_slots ? mem.forward_only_slots
+                                                        : mem.gradient_slots) / 1048576.0,
+           mem.workspace / 1048576.0);
     /* On cuda these are host seconds: device work a stage queues counts where the host next waits. */
     if (kfac)
         printf(", \"capture_share\": %.3f, \"invert_share\": %.3f, "

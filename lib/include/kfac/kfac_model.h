@@ -132,8 +132,25 @@ void kfac_model_set_loss_scale(kfac_model *m, float scale);
 
 /* Multiply-adds of one forward pass per image (conv + FC). */
 double kfac_model_macs_per_image(const kfac_model *m);
-/* Bytes of activation/workspace arena and of parameters (+grads). */
+/* Bytes of the activation arena plus the layers' workspace (parameters,
+ * their gradients and BN statistics are a separate allocation). */
 size_t kfac_model_arena_bytes(const kfac_model *m);
+
+/* How the arena is spent, in bytes, at max_batch.  Activations backward
+ * reads are kept for the whole step; the others (forward-only: in a ResNet
+ * each branch's last bn output, read only by its add) share slots during
+ * forward, and value gradients share slots during backward, in one region
+ * of max(forward_only_slots, gradient_slots) bytes. */
+typedef struct kfac_model_memory {
+    size_t arena;                    /* everything below but the workspace */
+    size_t kept_activations;
+    size_t forward_only_activations; /* their sum, before sharing */
+    size_t forward_only_slots;       /* what they take */
+    size_t value_gradients;          /* their sum, before sharing */
+    size_t gradient_slots;           /* what they take */
+    size_t workspace;                /* the layers' scratch (conv_workspace) */
+} kfac_model_memory;
+void kfac_model_get_memory(const kfac_model *m, kfac_model_memory *out);
 
 kfac_backend *kfac_model_backend(kfac_model *m);
 
@@ -147,7 +164,10 @@ void kfac_model_set_bn_momentum(kfac_model *m, float momentum);
 /* A node's tensors for the current batch of n images.  dy (the gradient of
  * the node's output) is valid only inside a backward hook for that node:
  * gradient buffers are shared between layers whose lifetimes do not
- * overlap. */
+ * overlap.  x and y stay valid until the next forward where backward reads
+ * them (kfac_model_memory's kept activations: conv, fc, bn and max pool
+ * inputs; relu and max pool outputs, bn and add outputs under a fused
+ * ReLU); any other y may already hold a later layer's activation. */
 typedef struct kfac_layer_view {
     kfac_node_kind kind;
     const char *name;
