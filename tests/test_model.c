@@ -3,8 +3,9 @@
  * against central finite differences of the mean loss, evaluated in double
  * from the float forward), eval-mode chunking, BN train/eval semantics,
  * determinism, no allocation after finalize, the loss in parts (as graph
- * captures run it), the input bound to another buffer, and the memory plan
- * (which activations share memory) against ResNet-50's architecture. */
+ * captures run it), the input bound to another buffer, the memory plan
+ * (which activations share memory) against ResNet-50's architecture, and
+ * inference-only models. */
 #include <malloc.h>
 #include <string.h>
 
@@ -298,6 +299,51 @@ static void check_memory(void)
     kfac_model_free(m);
 }
 
+/* A model built for inference only gives the training model's logits bit
+ * for bit (same seed, same images, eval and train-mode forwards), keeps
+ * only its input and logits, has no gradient memory, refuses backward, and
+ * cannot be switched after finalize. */
+static void check_inference_only(void)
+{
+    const int batch = 6, image = 16;
+    kfac_resnet_options opt = {.image_size = image, .num_classes = 5};
+    kfac_model *train = NULL, *infer = NULL;
+    CHECK_OK(kfac_resnet_build("resnet18", &opt, be, batch, 9, &train));
+    opt.inference_only = 1;
+    CHECK_OK(kfac_resnet_build("resnet18", &opt, be, batch, 9, &infer));
+    if (!train || !infer) return;
+    unsigned long long seed = 31;
+    size_t pixels = (size_t)batch * image * image * 3;
+    float *x = kfac_model_input(train);
+    for (size_t i = 0; i < pixels; i++) x[i] = (float)test_uniform(&seed);
+    memcpy(kfac_model_input(infer), x, pixels * sizeof *x);
+    const size_t logits = (size_t)batch * 5 * sizeof(float);
+    for (int k = 0; k < 2; k++) {
+        kfac_mode mode = k ? KFAC_MODE_TRAIN : KFAC_MODE_EVAL;
+        CHECK_OK(kfac_model_forward(train, batch, mode));
+        CHECK_OK(kfac_model_forward(infer, batch, mode));
+        CHECK(!memcmp(kfac_model_logits(train), kfac_model_logits(infer), logits),
+              "inference-only logits differ (%s mode)", k ? "train" : "eval");
+    }
+    kfac_model_memory mt, mi;
+    kfac_model_get_memory(train, &mt);
+    kfac_model_get_memory(infer, &mi);
+    size_t kept = round64(pixels * sizeof(float)) + round64(logits);
+    CHECK(mi.kept_activations == kept && mi.value_gradients == 0 && mi.gradient_slots == 0,
+          "inference only: kept %zu bytes (expected %zu), gradients %zu in %zu",
+          mi.kept_activations, kept, mi.value_gradients, mi.gradient_slots);
+    CHECK(mi.forward_only_activations + mi.kept_activations ==
+              mt.forward_only_activations + mt.kept_activations,
+          "inference only: the same activations in all");
+    CHECK(mi.arena * 3 < mt.arena, "inference-only arena %zu bytes vs training %zu", mi.arena,
+          mt.arena);
+    CHECK(kfac_model_backward(infer, batch) == KFAC_EINVAL, "backward refused: %s",
+          kfac_last_error());
+    CHECK(kfac_model_set_inference_only(train) == KFAC_EINVAL, "set after finalize refused");
+    kfac_model_free(train);
+    kfac_model_free(infer);
+}
+
 int main(void)
 {
     CHECK_OK(kfac_backend_get("cpu", 2, &be));
@@ -313,6 +359,7 @@ int main(void)
     check_no_allocation();
     check_loss_parts_and_binding();
     check_memory();
+    check_inference_only();
     kfac_backend_free(be);
     return test_summary("test_model");
 }

@@ -71,6 +71,7 @@ struct kfac_model {
     int32_t *labels;          /* backend memory: max_batch labels the loss reads */
     float *host_logits;       /* max_batch x classes, its host copy of the logits */
     int finalized;
+    int inference_only;       /* forwards only: see kfac_model_set_inference_only */
     double macs;
 };
 
@@ -322,12 +323,13 @@ static size_t round_bytes(size_t bytes) { return (bytes + 63) / 64 * 64; }
  * Arena: [ kept activations | float32 input | BN saves | shared region ]
  * where the shared region is max(forward-only slots, gradient slots). */
 
-/* kept[v]: does backward read value v's activation (see above)? */
+/* kept[v]: does backward read value v's activation (see above)?  An
+ * inference-only model keeps just its input and logits. */
 static void mark_kept(const kfac_model *m, unsigned char *kept)
 {
     memset(kept, 0, (size_t)m->num_values);
     kept[0] = kept[m->num_values - 1] = 1;
-    for (int i = 0; i < m->num_nodes; i++) {
+    for (int i = 0; i < m->num_nodes && !m->inference_only; i++) {
         const node *nd = &m->nodes[i];
         switch (nd->kind) {
         case KFAC_NODE_CONV:
@@ -404,7 +406,7 @@ static void grad_lifetimes(const kfac_model *m, size_t *need, int *first, int *l
 {
     int steps = m->num_nodes;
     for (int v = 0; v < m->num_values; v++) {
-        need[v] = v == 0 ? 0 : act_bytes(m, v);
+        need[v] = v == 0 || m->inference_only ? 0 : act_bytes(m, v);
         first[v] = steps;
         last[v] = -1;
     }
@@ -483,7 +485,7 @@ static kfac_status plan_arena(kfac_model *m, char *base)
         st = share_slots(nv, need, first, last, -1, m->num_nodes, off, &grad_bytes);
     }
     for (int v = 0; v < nv && st == KFAC_OK; v++) {
-        m->values[v].grad = shared && v > 0 ? (float *)(shared + off[v]) : NULL;
+        m->values[v].grad = shared && need[v] ? (float *)(shared + off[v]) : NULL;
         mem->value_gradients += need[v];
     }
     free(kept);
@@ -493,6 +495,13 @@ static kfac_status plan_arena(kfac_model *m, char *base)
     mem->forward_only_slots = fwd_bytes;
     mem->gradient_slots = grad_bytes;
     mem->arena = off_end + (fwd_bytes > grad_bytes ? fwd_bytes : grad_bytes);
+    return KFAC_OK;
+}
+
+kfac_status kfac_model_set_inference_only(kfac_model *m)
+{
+    if (m->finalized) return KFAC_ERR(KFAC_EINVAL, "model: inference-only set after finalize");
+    m->inference_only = 1;
     return KFAC_OK;
 }
 
@@ -745,6 +754,8 @@ static kfac_status node_backward(kfac_model *m, node *nd, int n)
 
 kfac_status kfac_model_backward(kfac_model *m, int n)
 {
+    if (m->inference_only)
+        return KFAC_ERR(KFAC_EINVAL, "model: backward of a model built for inference only");
     if (n < 1 || n > m->max_batch)
         return KFAC_ERR(KFAC_EINVAL, "model: batch %d outside [1, %d]", n, m->max_batch);
     for (int i = 0; i < m->num_values; i++) m->values[i].grad_written = 0;

@@ -105,7 +105,8 @@ kfac_status kfac_resnet_build(const char *name, const kfac_resnet_options *opt, 
     int classes = opt->num_classes ? opt->num_classes : a->num_classes;
     kfac_model *m;
     KFAC_TRY(kfac_model_init(&m, be, max_batch, size, size, in_ch));
-    kfac_status st = build(m, a, classes, opt->zero_init_residual);
+    kfac_status st = opt->inference_only ? kfac_model_set_inference_only(m) : KFAC_OK;
+    if (st == KFAC_OK) st = build(m, a, classes, opt->zero_init_residual);
     if (st == KFAC_OK) st = kfac_model_finalize(m, seed);
     if (st != KFAC_OK) {
         kfac_model_free(m);

@@ -158,6 +158,8 @@ int main(int argc, char **argv)
         return 0;
     }
     int train = !strcmp(mode, "train");
+    if (!train && !strcmp(optimizer, "kfac"))
+        return usage("--optimizer kfac times training steps (--mode train)");
     kfac_backend *be;
     kfac_model *m;
     kfac_sgd *sgd;
@@ -169,7 +171,10 @@ int main(int argc, char **argv)
     const kfac_dtype act = be->act_dtype;
     kfac_loss_scale scaler; /* f16, as a GradScaler */
     kfac_loss_scale_init(&scaler, KFAC_LOSS_SCALE_INITIAL, KFAC_LOSS_SCALE_GROWTH_INTERVAL);
-    if (kfac_resnet_build(model_name, NULL, be, batch, 1, &m)) return die("model");
+    /* infer: a model built for forwards only, as PyTorch's inference without
+     * autograd keeps no activation for a backward */
+    kfac_resnet_options opt = {.inference_only = !train};
+    if (kfac_resnet_build(model_name, &opt, be, batch, 1, &m)) return die("model");
     kfac_sgd_config cfg = {.momentum = 0.9f, .nesterov = 1, .weight_decay = 5e-4f};
     if (kfac_sgd_init(&sgd, m, &cfg)) return die("sgd");
     kfac_precond *kfac = NULL;

@@ -76,6 +76,12 @@ int kfac_model_add(kfac_model *m, int a, int b, int relu);
  * initialisation (ResNet zero-init of the last BN in each block). */
 kfac_status kfac_model_zero_init_gamma(kfac_model *m, int bn_out);
 
+/* Before finalize: the model will only run forwards (evaluation), so only
+ * its input and logits are kept and every other activation shares slots
+ * with those of other layers; nothing is allocated for gradients, and
+ * kfac_model_backward is refused. */
+kfac_status kfac_model_set_inference_only(kfac_model *m);
+
 kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed);
 
 /* The input buffer (max_batch x H x W x C float32, backend memory; with a

@@ -25,6 +25,7 @@ typedef struct kfac_resnet_options {
     int num_classes;        /* 0: the architecture's default (10 or 1000) */
     int image_size;         /* 0: the architecture's default (28, 32 or 224) */
     int in_channels;        /* 0: the architecture's default (1 or 3) */
+    int inference_only;     /* kfac_model_set_inference_only: forwards only */
 } kfac_resnet_options;
 
 /* Builds and finalizes the named ResNet; names as in the table above. */
