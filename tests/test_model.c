@@ -246,18 +246,24 @@ static size_t round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 /* ResNet-50's memory plan at 224x224, batch 2, against counts from its
  * architecture: the forward-only activations are the last bn of each of
  * the 16 bottlenecks and the 4 shortcut bns (no ReLU, read only by their
- * add); every other activation, and every value's gradient, is accounted
- * for from the layer views; two forward-only activations (a stage's first
- * branch and its shortcut) are live at once, so they take two slots of the
- * largest. */
+ * add); all activations, all gradients and the fixed buffers are counted
+ * from the layer views.  Gradients reuse the memory of activations whose
+ * backward is done, so the arena stays within 5% of the activations that
+ * backward reads (plus the BN saves); kept through the step
+ * (kfac_model_set_keep_activations) they take more, but no more than
+ * keeping everything and giving gradients their own slots. */
 static void check_memory(void)
 {
     const int batch = 2;
-    kfac_model *m = NULL;
+    kfac_model *m = NULL, *keep = NULL;
     CHECK_OK(kfac_resnet_build("resnet50", NULL, be, batch, 1, &m));
-    if (!m) return;
-    kfac_model_memory mem;
+    kfac_resnet_options opt = {.keep_activations = 1};
+    CHECK_OK(kfac_resnet_build("resnet50", &opt, be, batch, 1, &keep));
+    if (!m || !keep) return;
+    CHECK(!kfac_model_keeps_activations(m) && kfac_model_keeps_activations(keep), "keeps");
+    kfac_model_memory mem, mk;
     kfac_model_get_memory(m, &mem);
+    kfac_model_get_memory(keep, &mk);
     const size_t f = sizeof(float);
     /* per image: stages at 56, 28, 14, 7 pixels with 256..2048 channels */
     const size_t branch = 3 * 56 * 56 * 256 + 4 * 28 * 28 * 512 + 6 * 14 * 14 * 1024 +
@@ -266,36 +272,78 @@ static void check_memory(void)
     const size_t fwd = (branch + shortcut) * batch * f;
     CHECK(mem.forward_only_activations == fwd, "forward-only activations: %zu bytes, expected %zu",
           mem.forward_only_activations, fwd);
-    CHECK(mem.forward_only_slots == 2 * (size_t)56 * 56 * 256 * batch * f,
-          "forward-only slots: %zu bytes, expected two of 56x56x256", mem.forward_only_slots);
-    size_t all = round64((size_t)batch * 224 * 224 * 3 * f), grads = 0, bn_saves = 0;
+    const size_t input = round64((size_t)batch * 224 * 224 * 3 * f);
+    size_t all = input, grads = 0, bn_saves = 0, logits = 0;
     for (int i = 0; i < kfac_model_num_nodes(m); i++) {
         kfac_layer_view v;
         kfac_model_layer(m, i, batch, &v);
         size_t out = round64(v.rows * (size_t)v.channels * f);
         all += out;
         grads += out;
+        logits = out; /* the last node's */
         if (v.kind == KFAC_NODE_BN) bn_saves += 2 * round64((size_t)v.channels * f);
     }
-    CHECK(mem.kept_activations + mem.forward_only_activations == all,
-          "kept %zu + forward-only %zu bytes != all activations %zu", mem.kept_activations,
-          mem.forward_only_activations, all);
+    CHECK(mem.backward_activations + mem.forward_only_activations == all,
+          "backward %zu + forward-only %zu bytes != all activations %zu",
+          mem.backward_activations, mem.forward_only_activations, all);
     CHECK(mem.value_gradients == grads, "value gradients: %zu bytes, expected %zu",
           mem.value_gradients, grads);
-    CHECK(mem.gradient_slots < grads / 4, "gradient slots %zu bytes of %zu", mem.gradient_slots,
-          grads);
-    size_t shared = mem.forward_only_slots > mem.gradient_slots ? mem.forward_only_slots
-                                                                : mem.gradient_slots;
-    CHECK(mem.arena == mem.kept_activations + bn_saves + shared,
-          "arena %zu bytes != kept %zu + BN saves %zu + shared %zu", mem.arena,
-          mem.kept_activations, bn_saves, shared);
+    CHECK(mem.fixed == input + logits + bn_saves, "fixed: %zu bytes, expected %zu", mem.fixed,
+          input + logits + bn_saves);
+    CHECK(mem.arena == mem.fixed + mem.shared_slots && mk.arena == mk.fixed + mk.shared_slots,
+          "arena = fixed + shared slots");
     CHECK(kfac_model_arena_bytes(m) == mem.arena + mem.workspace, "arena bytes");
-    printf("resnet50 b%d: kept activations %.1f MiB, forward-only %.1f in %.1f MiB, gradients "
-           "%.1f in %.1f MiB, arena %.1f MiB (%.0f%% of keeping everything)\n",
-           batch, mem.kept_activations / 1048576.0, mem.forward_only_activations / 1048576.0,
-           mem.forward_only_slots / 1048576.0, mem.value_gradients / 1048576.0,
-           mem.gradient_slots / 1048576.0, mem.arena / 1048576.0,
-           100.0 * mem.arena / (all + bn_saves + mem.gradient_slots));
+    CHECK(mem.peak_live <= mem.shared_slots && mk.peak_live <= mk.shared_slots,
+          "slots hold what is live at once");
+    size_t bound = (size_t)(1.05 * (double)(mem.backward_activations + bn_saves));
+    CHECK(mem.arena <= bound, "arena %zu bytes > 1.05 x (backward activations + BN saves) = %zu",
+          mem.arena, bound);
+    CHECK(mk.arena > mem.arena && mk.arena <= mem.backward_activations + bn_saves + mem.value_gradients,
+          "keep-activations arena %zu bytes vs %zu", mk.arena, mem.arena);
+    printf("resnet50 b%d: activations %.1f MiB (%.1f forward-only), gradients %.1f MiB; arena "
+           "%.1f MiB (slots %.1f, peak live %.1f); keeping activations %.1f MiB\n",
+           batch, all / 1048576.0, mem.forward_only_activations / 1048576.0, grads / 1048576.0,
+           mem.arena / 1048576.0, mem.shared_slots / 1048576.0, mem.peak_live / 1048576.0,
+           mk.arena / 1048576.0);
+    kfac_model_free(m);
+    kfac_model_free(keep);
+}
+
+/* A model that keeps its activations runs a second backward over one
+ * forward (as K-FAC's sampled Fisher does) to the same gradients, bit for
+ * bit, and its activations read by backward are still those of the
+ * forward afterwards: the FC input equals a fresh forward's. */
+static void check_keep_activations(void)
+{
+    unsigned long long seed = 41;
+    int32_t labels[BATCH];
+    kfac_model *m = NULL;
+    kfac_resnet_options opt = {.image_size = 16, .num_classes = 5, .keep_activations = 1};
+    CHECK_OK(kfac_resnet_build("resnet18", &opt, be, 6, 2, &m));
+    if (!m) return;
+    g_batch = 6;
+    float *x = kfac_model_input(m);
+    for (int i = 0; i < 6 * 16 * 16 * 3; i++) x[i] = (float)test_uniform(&seed);
+    for (int i = 0; i < 6; i++) labels[i] = i % 5;
+    size_t n = kfac_model_param_count(m);
+    float *g1 = malloc(n * sizeof *g1);
+    mean_loss(m, labels);
+    CHECK_OK(kfac_model_backward(m, g_batch));
+    memcpy(g1, kfac_model_grads(m), n * sizeof *g1);
+    double loss;
+    int correct;
+    CHECK_OK(kfac_model_loss(m, g_batch, labels, 0.1f, &loss, &correct));
+    CHECK_OK(kfac_model_backward(m, g_batch));
+    CHECK(!memcmp(g1, kfac_model_grads(m), n * sizeof *g1), "second backward, same gradients");
+    kfac_layer_view v;
+    kfac_model_layer(m, kfac_model_num_nodes(m) - 1, g_batch, &v);
+    size_t feats = (size_t)g_batch * v.conv.c;
+    float *after = malloc(feats * sizeof *after);
+    memcpy(after, v.x, feats * sizeof *after);
+    CHECK_OK(kfac_model_forward(m, g_batch, KFAC_MODE_TRAIN));
+    CHECK(!memcmp(after, v.x, feats * sizeof *after), "FC input kept through backward");
+    free(after);
+    free(g1);
     kfac_model_free(m);
 }
 
@@ -328,12 +376,12 @@ static void check_inference_only(void)
     kfac_model_memory mt, mi;
     kfac_model_get_memory(train, &mt);
     kfac_model_get_memory(infer, &mi);
-    size_t kept = round64(pixels * sizeof(float)) + round64(logits);
-    CHECK(mi.kept_activations == kept && mi.value_gradients == 0 && mi.gradient_slots == 0,
-          "inference only: kept %zu bytes (expected %zu), gradients %zu in %zu",
-          mi.kept_activations, kept, mi.value_gradients, mi.gradient_slots);
-    CHECK(mi.forward_only_activations + mi.kept_activations ==
-              mt.forward_only_activations + mt.kept_activations,
+    CHECK(mi.backward_activations == round64(pixels * sizeof(float)) + round64(logits) &&
+              mi.value_gradients == 0,
+          "inference only: %zu bytes of activations read by backward (input and logits), "
+          "%zu of gradients", mi.backward_activations, mi.value_gradients);
+    CHECK(mi.forward_only_activations + mi.backward_activations ==
+              mt.forward_only_activations + mt.backward_activations,
           "inference only: the same activations in all");
     CHECK(mi.arena * 3 < mt.arena, "inference-only arena %zu bytes vs training %zu", mi.arena,
           mt.arena);
@@ -359,6 +407,7 @@ int main(void)
     check_no_allocation();
     check_loss_parts_and_binding();
     check_memory();
+    check_keep_activations();
     check_inference_only();
     kfac_backend_free(be);
     return test_summary("test_model");

@@ -7,7 +7,8 @@
  *    features with an appended 1, G from the softmax gradient), for both
  *    inverse paths;
  *  - the sampled Fisher (an extra backward at sampled labels) refreshes
- *    every layer at every warm-up step. */
+ *    every layer at every warm-up step, and needs a model that keeps its
+ *    activations through backward. */
 #include <string.h>
 
 #include "kfac/kfac_precond.h"
@@ -20,10 +21,13 @@
 static kfac_backend *be;
 static int32_t labels[N];
 
-static kfac_model *tiny_model(void)
+/* keep: the model keeps its activations through backward (a sampled
+ * Fisher's second backward needs them). */
+static kfac_model *tiny_model(int keep)
 {
     kfac_model *m = NULL;
-    kfac_resnet_options opt = {.image_size = S, .in_channels = 1, .num_classes = 5};
+    kfac_resnet_options opt = {.image_size = S, .in_channels = 1, .num_classes = 5,
+                               .keep_activations = keep};
     CHECK_OK(kfac_resnet_build("resnet8-fmnist", &opt, be, N, 3, &m));
     unsigned long long seed = 21;
     float *x = kfac_model_input(m);
@@ -45,7 +49,7 @@ static void run_steps(kfac_precond *p, long steps)
  * estimate equals the running factor and the adaptive interval doubles. */
 static void check_schedule(int adaptive)
 {
-    kfac_model *m = tiny_model();
+    kfac_model *m = tiny_model(0);
     kfac_precond_config cfg;
     kfac_precond_config_defaults(&cfg);
     cfg.warmup_steps = adaptive ? 1 : 3;
@@ -103,7 +107,7 @@ static void invert_dense(int n, double *a, double *inv)
 
 static void check_fc_preconditioning(kfac_inverse method)
 {
-    kfac_model *m = tiny_model();
+    kfac_model *m = tiny_model(0);
     kfac_precond_config cfg;
     kfac_precond_config_defaults(&cfg);
     cfg.inverse = method;
@@ -111,14 +115,19 @@ static void check_fc_preconditioning(kfac_inverse method)
     cfg.damping = 1e-2f;
     kfac_precond *p;
     CHECK_OK(kfac_precond_init(&p, m, &cfg));
-    double loss;
-    int correct;
-    CHECK_OK(kfac_precond_step(p, 0, 0.0, 0.1f, N, labels, 0.0f, &loss, &correct));
-    /* the FC layer: last node; its input is the pooled feature (N x 64) */
+    /* the FC layer: last node; its input is the pooled feature (N x 64).
+     * Backward's gradients reuse its memory, so it is read from a forward
+     * before the step: the step's forward repeats it bit for bit. */
     int fc = kfac_model_num_nodes(m) - 1;
     kfac_layer_view v;
     kfac_model_layer(m, fc, N, &v);
     const int c = v.conv.c, k = v.conv.k, d = c + 1;
+    CHECK_OK(kfac_model_forward(m, N, KFAC_MODE_TRAIN));
+    float *features = malloc((size_t)N * c * sizeof *features);
+    memcpy(features, v.x, (size_t)N * c * sizeof *features);
+    double loss;
+    int correct;
+    CHECK_OK(kfac_precond_step(p, 0, 0.0, 0.1f, N, labels, 0.0f, &loss, &correct));
     const float *logits = kfac_model_logits(m);
     double *A = calloc((size_t)d * d, sizeof(double)), *G = calloc((size_t)k * k, sizeof(double));
     double *dW = calloc((size_t)k * d, sizeof(double)), *dy = malloc((size_t)N * k * sizeof(double));
@@ -131,7 +140,7 @@ static void check_fc_preconditioning(kfac_inverse method)
     }
     for (int i = 0; i < N; i++) {
         double a[65];
-        for (int j = 0; j < c; j++) a[j] = v.x[i * c + j];
+        for (int j = 0; j < c; j++) a[j] = features[i * c + j];
         a[c] = 1.0;
         for (int r = 0; r < d; r++)
             for (int s = 0; s < d; s++) A[r * d + s] += a[r] * a[s] / N;
@@ -170,17 +179,23 @@ static void check_fc_preconditioning(kfac_inverse method)
     CHECK(err < 2e-3, "fc preconditioned gradient (%s) rel err %.2e",
           method == KFAC_INVERSE_EIG ? "eig" : "cholesky", err);
     free(A); free(G); free(dW); free(dy); free(Ai); free(Gi); free(want); free(got);
+    free(features);
     kfac_precond_free(p);
     kfac_model_free(m);
 }
 
 static void check_sampled(void)
 {
-    kfac_model *m = tiny_model();
+    kfac_model *m = tiny_model(0);
     kfac_precond_config cfg;
     kfac_precond_config_defaults(&cfg);
     cfg.fisher = KFAC_FISHER_SAMPLED;
-    kfac_precond *p;
+    kfac_precond *p = NULL;
+    CHECK(kfac_precond_init(&p, m, &cfg) == KFAC_EINVAL && !p,
+          "a sampled Fisher on a model that frees activations in backward: %s",
+          kfac_last_error());
+    kfac_model_free(m);
+    m = tiny_model(1);
     CHECK_OK(kfac_precond_init(&p, m, &cfg));
     run_steps(p, 3);
     kfac_precond_stats st;
@@ -194,7 +209,7 @@ static void check_sampled(void)
 /* Layers whose names match an exclude pattern stay on plain SGD. */
 static void check_exclude(void)
 {
-    kfac_model *m = tiny_model();
+    kfac_model *m = tiny_model(0);
     kfac_precond_config cfg;
     kfac_precond_config_defaults(&cfg);
     cfg.exclude = "fc, layer1.*";

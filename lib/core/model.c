@@ -13,6 +13,7 @@
  * each forward converts into value 0. */
 #include <math.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -72,6 +73,7 @@ struct kfac_model {
     float *host_logits;       /* max_batch x classes, its host copy of the logits */
     int finalized;
     int inference_only;       /* forwards only: see kfac_model_set_inference_only */
+    int keep_activations;     /* see kfac_model_set_keep_activations */
     double macs;
 };
 
@@ -309,50 +311,41 @@ static size_t round_bytes(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
 /* ---- memory plan ----
  *
- * An activation is kept for the whole step when backward reads it (and so
- * K-FAC's capture, which reads what backward reads): the input of a conv,
- * fc, bn or max pool; the output of a relu or max pool, or of a bn or add
- * with a fused ReLU (its mask).  The model's input and the logits are kept
- * too (callers fill and read them).  Every other activation -- in a ResNet
- * the last bn of each residual branch and of each shortcut, read only by
- * their add -- is dead once its last forward reader has run, and such
- * forward-only activations share slots.  Value gradients live only inside
- * a backward pass and share slots too.  A forward never runs between a
- * loss and its backward, so the two shared regions overlap in the arena.
+ * One timeline covers a training step: forward of node i at step i, the
+ * loss at step N (N nodes), backward of node i at step 2N - i.  Every
+ * buffer of the arena but a few fixed ones lives over an interval of it,
+ * and buffers whose intervals do not overlap share memory:
+ *  - an activation lives from its producer to its last reader.  Backward
+ *    (and so K-FAC's capture, which reads what backward reads) reads the
+ *    input of a conv, fc, bn or max pool, and the output of a relu or max
+ *    pool, or of a bn or add with a fused ReLU (its mask); an activation
+ *    no backward reads -- in a ResNet each branch's last bn, read only by
+ *    its add -- is dead once its last forward reader has run;
+ *  - a value's gradient lives from its last consumer's backward (the
+ *    logits': the loss) to its producer's backward.
+ * So gradients reuse the memory of activations whose backward readers are
+ * done, as an autograd engine frees them.  A model set to keep its
+ * activations (kfac_model_set_keep_activations: a second backward over
+ * the same forward) holds every activation backward reads to the end of
+ * the step.  Fixed for the whole step: the input (callers fill it, and may
+ * bind another), the logits (read after the step), the float32 input and
+ * the BN save buffers.  An eval forward outside a step only meets
+ * activations, which never share memory while both can be live.
  *
- * Arena: [ kept activations | float32 input | BN saves | shared region ]
- * where the shared region is max(forward-only slots, gradient slots). */
+ * Arena: [ input | logits | float32 input | BN saves | shared slots ] */
 
-/* kept[v]: does backward read value v's activation (see above)?  An
- * inference-only model keeps just its input and logits. */
-static void mark_kept(const kfac_model *m, unsigned char *kept)
+/* Whether a node's backward reads its input's (in[0]'s) and its output's
+ * activation; an add's backward reads neither input. */
+static int backward_reads_input(const node *nd)
 {
-    memset(kept, 0, (size_t)m->num_values);
-    kept[0] = kept[m->num_values - 1] = 1;
-    for (int i = 0; i < m->num_nodes && !m->inference_only; i++) {
-        const node *nd = &m->nodes[i];
-        switch (nd->kind) {
-        case KFAC_NODE_CONV:
-        case KFAC_NODE_FC:
-            kept[nd->in[0]] = 1;
-            break;
-        case KFAC_NODE_BN:
-            kept[nd->in[0]] = 1;
-            if (nd->relu) kept[nd->out] = 1;
-            break;
-        case KFAC_NODE_MAXPOOL:
-            kept[nd->in[0]] = kept[nd->out] = 1;
-            break;
-        case KFAC_NODE_RELU:
-            kept[nd->out] = 1;
-            break;
-        case KFAC_NODE_ADD:
-            if (nd->relu) kept[nd->out] = 1;
-            break;
-        case KFAC_NODE_GAP:
-            break;
-        }
-    }
+    return nd->kind == KFAC_NODE_CONV || nd->kind == KFAC_NODE_FC || nd->kind == KFAC_NODE_BN ||
+           nd->kind == KFAC_NODE_MAXPOOL;
+}
+
+static int backward_reads_output(const node *nd)
+{
+    return nd->kind == KFAC_NODE_RELU || nd->kind == KFAC_NODE_MAXPOOL ||
+           ((nd->kind == KFAC_NODE_BN || nd->kind == KFAC_NODE_ADD) && nd->relu);
 }
 
 static size_t act_bytes(const kfac_model *m, int v)
@@ -360,80 +353,130 @@ static size_t act_bytes(const kfac_model *m, int v)
     return round_bytes((size_t)m->max_batch * value_floats(&m->values[v]) * m->act_size);
 }
 
-/* Greedy best fit of buffers into shared slots: buffer v (need[v] > 0
- * bytes) lives over steps [first[v], last[v]] and may take a slot whose
- * holder's last step is before first[v]; buffers are placed in order of
- * first step, t0 <= first < t1.  off[v]: the offset of v's slot in the
- * region; *bytes: the region's size. */
-static kfac_status share_slots(int nv, const size_t *need, const int *first, const int *last,
-                               int t0, int t1, size_t *off, size_t *bytes)
+/* Extends buffer b's interval to step t. */
+static void live_until(int *last, int b, int t)
 {
-    int *free_after = malloc((size_t)nv * sizeof(int)), slots = 0;
-    size_t *slot_off = malloc(2 * (size_t)nv * sizeof(size_t));
-    if (!free_after || !slot_off) {
-        free(free_after);
-        free(slot_off);
+    if (t > last[b]) last[b] = t;
+}
+
+/* The intervals of the shared buffers: buffer v < nv is value v's
+ * activation, nv + v its gradient; need 0: not shared (fixed, or none).
+ * reads[v]: does a backward read value v's activation? */
+static void lifetimes(const kfac_model *m, unsigned char *reads, size_t *need, int *first,
+                      int *last)
+{
+    const int nv = m->num_values, n = m->num_nodes, end = 2 * n;
+    const int training = !m->inference_only;
+    for (int b = 0; b < 2 * nv; b++) {
+        need[b] = 0;
+        first[b] = b < nv ? -1 : end + 1;
+        last[b] = -1;
+    }
+    memset(reads, 0, (size_t)nv);
+    for (int i = 0; i < n; i++) {
+        const node *nd = &m->nodes[i];
+        const int bwd = end - i, held = m->keep_activations ? end : bwd;
+        need[nd->out] = act_bytes(m, nd->out);
+        first[nd->out] = last[nd->out] = i;
+        if (training && backward_reads_output(nd)) {
+            reads[nd->out] = 1;
+            live_until(last, nd->out, held);
+        }
+        if (training) last[nv + nd->out] = bwd; /* read by its producer's backward */
+        for (int k = 0; k < 2; k++) {
+            int v = nd->in[k];
+            if (v < 0) continue;
+            live_until(last, v, i);
+            if (training && k == 0 && backward_reads_input(nd)) {
+                reads[v] = 1;
+                live_until(last, v, held);
+            }
+            if (training && bwd < first[nv + v]) first[nv + v] = bwd; /* the last consumer's */
+        }
+    }
+    if (training) first[2 * nv - 1] = n; /* the logits' gradient: written by the loss */
+    for (int v = 1; v < nv; v++) /* a gradient someone writes */
+        if (first[nv + v] <= last[nv + v]) need[nv + v] = act_bytes(m, v);
+    need[0] = need[nv - 1] = 0; /* fixed: the input and the logits */
+}
+
+/* Offsets for buffers with intervals of steps (need[b] bytes over steps
+ * first[b]..last[b]; need 0: none), greedy by size as in Pisarchyk and Lee,
+ * "Efficient Memory Management for Deep Neural Net Inference" (2020):
+ * largest first, each at the smallest gap that fits among the buffers
+ * already placed whose intervals overlap its own, else above them all.
+ * off[b]: its offset; *bytes: the region's size; *peak: the most bytes
+ * live at one step (what any placement needs). */
+typedef struct sized {
+    size_t need;
+    int first, b;
+} sized;
+
+static int by_size_desc(const void *pa, const void *pb)
+{
+    const sized *a = pa, *b = pb;
+    if (a->need != b->need) return a->need > b->need ? -1 : 1;
+    if (a->first != b->first) return a->first < b->first ? -1 : 1;
+    return a->b < b->b ? -1 : 1;
+}
+
+typedef struct span {
+    size_t lo, hi;
+} span;
+
+static int by_lo(const void *pa, const void *pb)
+{
+    const span *a = pa, *b = pb;
+    return a->lo < b->lo ? -1 : a->lo > b->lo;
+}
+
+static kfac_status place_buffers(int count, const size_t *need, const int *first,
+                                 const int *last, int steps, size_t *off, size_t *bytes,
+                                 size_t *peak)
+{
+    sized *order = malloc((size_t)(count + 1) * sizeof *order);
+    span *busy = malloc((size_t)(count + 1) * sizeof *busy);
+    if (!order || !busy) {
+        free(order);
+        free(busy);
         return KFAC_ERR(KFAC_ENOMEM, "model: out of memory");
     }
-    size_t *slot_size = slot_off + nv, total = 0;
-    for (int t = t0; t < t1; t++)
-        for (int v = 0; v < nv; v++) {
-            if (first[v] != t || need[v] == 0) continue;
-            int best = -1;
-            for (int s = 0; s < slots; s++)
-                if (free_after[s] < t && slot_size[s] >= need[v] &&
-                    (best < 0 || slot_size[s] < slot_size[best]))
-                    best = s;
-            if (best < 0) {
-                best = slots++;
-                slot_off[best] = total;
-                slot_size[best] = need[v];
-                total += need[v];
-            }
-            free_after[best] = last[v];
-            off[v] = slot_off[best];
+    int placed = 0;
+    for (int b = 0; b < count; b++)
+        if (need[b]) order[placed++] = (sized){need[b], first[b], b};
+    qsort(order, (size_t)placed, sizeof *order, by_size_desc);
+    size_t total = 0;
+    for (int k = 0; k < placed; k++) {
+        const int b = order[k].b;
+        int nbusy = 0;
+        for (int j = 0; j < k; j++) { /* placed earlier and live at the same time */
+            const int o = order[j].b;
+            if (first[o] <= last[b] && first[b] <= last[o])
+                busy[nbusy++] = (span){off[o], off[o] + need[o]};
         }
-    free(free_after);
-    free(slot_off);
+        qsort(busy, (size_t)nbusy, sizeof *busy, by_lo);
+        size_t at = 0, best = SIZE_MAX, best_gap = SIZE_MAX;
+        for (int j = 0; j < nbusy; j++) {
+            if (busy[j].lo > at && busy[j].lo - at >= need[b] && busy[j].lo - at < best_gap) {
+                best = at;
+                best_gap = busy[j].lo - at;
+            }
+            if (busy[j].hi > at) at = busy[j].hi;
+        }
+        off[b] = best != SIZE_MAX ? best : at;
+        if (off[b] + need[b] > total) total = off[b] + need[b];
+    }
+    *peak = 0;
+    for (int t = 0; t <= steps; t++) {
+        size_t live = 0;
+        for (int b = 0; b < count; b++)
+            if (need[b] && first[b] <= t && t <= last[b]) live += need[b];
+        *peak = live > *peak ? live : *peak;
+    }
+    free(order);
+    free(busy);
     *bytes = total;
     return KFAC_OK;
-}
-
-/* Gradient lifetimes in backward steps (0 = first node undone): a value's
- * gradient is first written by its last consumer (the logits': by the
- * loss, step -1) and last read by its producer.  The input needs none. */
-static void grad_lifetimes(const kfac_model *m, size_t *need, int *first, int *last)
-{
-    int steps = m->num_nodes;
-    for (int v = 0; v < m->num_values; v++) {
-        need[v] = v == 0 || m->inference_only ? 0 : act_bytes(m, v);
-        first[v] = steps;
-        last[v] = -1;
-    }
-    for (int i = 0; i < m->num_nodes; i++) {
-        const node *nd = &m->nodes[i];
-        for (int k = 0; k < 2; k++)
-            if (nd->in[k] >= 0 && steps - 1 - i < first[nd->in[k]]) first[nd->in[k]] = steps - 1 - i;
-        last[nd->out] = steps - 1 - i;
-    }
-    first[m->num_values - 1] = -1;
-}
-
-/* Forward-only activations' lifetimes in forward steps: from their
- * producer to their last reader. */
-static void forward_lifetimes(const kfac_model *m, const unsigned char *kept, size_t *need,
-                              int *first, int *last)
-{
-    for (int v = 0; v < m->num_values; v++) {
-        need[v] = kept[v] ? 0 : act_bytes(m, v);
-        first[v] = last[v] = -1;
-    }
-    for (int i = 0; i < m->num_nodes; i++) {
-        const node *nd = &m->nodes[i];
-        first[nd->out] = last[nd->out] = i;
-        for (int k = 0; k < 2; k++)
-            if (nd->in[k] >= 0 && i > last[nd->in[k]]) last[nd->in[k]] = i;
-    }
 }
 
 /* Places every buffer of the arena (at `base`, or nowhere to measure) and
@@ -441,28 +484,26 @@ static void forward_lifetimes(const kfac_model *m, const unsigned char *kept, si
 static kfac_status plan_arena(kfac_model *m, char *base)
 {
     const int nv = m->num_values;
-    unsigned char *kept = malloc((size_t)nv);
-    int *first = calloc(2 * (size_t)nv, sizeof(int));
-    size_t *need = calloc(2 * (size_t)nv, sizeof(size_t));
-    if (!kept || !first || !need) {
-        free(kept);
+    unsigned char *reads = malloc((size_t)nv);
+    int *first = calloc(4 * (size_t)nv, sizeof(int));
+    size_t *need = calloc(4 * (size_t)nv, sizeof(size_t));
+    if (!reads || !first || !need) {
+        free(reads);
         free(first);
         free(need);
         return KFAC_ERR(KFAC_ENOMEM, "model: out of memory");
     }
-    int *last = first + nv;
-    size_t *off = need + nv, off_end = 0, fwd_bytes = 0, grad_bytes = 0;
+    int *last = first + 2 * nv;
+    size_t *off = need + 2 * nv, fixed = 0, slots = 0;
     kfac_model_memory *mem = &m->mem;
     memset(mem, 0, sizeof *mem);
-    mark_kept(m, kept);
 #define CARVE(ptr, bytes)                                       \
     do {                                                        \
-        (ptr) = base ? (float *)(base + off_end) : NULL;        \
-        off_end += round_bytes(bytes);                          \
+        (ptr) = base ? (float *)(base + fixed) : NULL;          \
+        fixed += round_bytes(bytes);                            \
     } while (0)
-    for (int v = 0; v < nv; v++)
-        if (kept[v]) CARVE(m->values[v].data, act_bytes(m, v));
-    mem->kept_activations = off_end;
+    CARVE(m->values[0].data, act_bytes(m, 0));
+    CARVE(m->values[nv - 1].data, act_bytes(m, nv - 1));
     if (m->act_size != sizeof(float))
         CARVE(m->input32, (size_t)m->max_batch * value_floats(&m->values[0]) * sizeof(float));
     for (int i = 0; i < m->num_nodes; i++) {
@@ -472,29 +513,28 @@ static kfac_status plan_arena(kfac_model *m, char *base)
         CARVE(nd->save_invstd, (size_t)m->values[nd->out].c * sizeof(float));
     }
 #undef CARVE
-    char *shared = base ? base + off_end : NULL;
-    forward_lifetimes(m, kept, need, first, last);
-    kfac_status st = share_slots(nv, need, first, last, 0, m->num_nodes, off, &fwd_bytes);
-    for (int v = 0; v < nv && st == KFAC_OK; v++)
-        if (!kept[v]) {
-            mem->forward_only_activations += need[v];
-            m->values[v].data = shared ? (float *)(shared + off[v]) : NULL;
-        }
-    if (st == KFAC_OK) {
-        grad_lifetimes(m, need, first, last);
-        st = share_slots(nv, need, first, last, -1, m->num_nodes, off, &grad_bytes);
-    }
+    lifetimes(m, reads, need, first, last);
+    kfac_status st = place_buffers(2 * nv, need, first, last, 2 * m->num_nodes, off, &slots,
+                                   &mem->peak_live);
+    char *shared = base ? base + fixed : NULL;
     for (int v = 0; v < nv && st == KFAC_OK; v++) {
-        m->values[v].grad = shared && need[v] ? (float *)(shared + off[v]) : NULL;
-        mem->value_gradients += need[v];
+        value *val = &m->values[v];
+        size_t bytes = act_bytes(m, v);
+        if (v == 0 || v == nv - 1 || reads[v])
+            mem->backward_activations += bytes;
+        else
+            mem->forward_only_activations += bytes;
+        mem->value_gradients += need[nv + v];
+        if (need[v]) val->data = shared ? (float *)(shared + off[v]) : NULL;
+        val->grad = shared && need[nv + v] ? (float *)(shared + off[nv + v]) : NULL;
     }
-    free(kept);
+    free(reads);
     free(first);
     free(need);
     KFAC_TRY(st);
-    mem->forward_only_slots = fwd_bytes;
-    mem->gradient_slots = grad_bytes;
-    mem->arena = off_end + (fwd_bytes > grad_bytes ? fwd_bytes : grad_bytes);
+    mem->fixed = fixed;
+    mem->shared_slots = slots;
+    mem->arena = fixed + slots;
     return KFAC_OK;
 }
 
@@ -504,6 +544,15 @@ kfac_status kfac_model_set_inference_only(kfac_model *m)
     m->inference_only = 1;
     return KFAC_OK;
 }
+
+kfac_status kfac_model_set_keep_activations(kfac_model *m)
+{
+    if (m->finalized) return KFAC_ERR(KFAC_EINVAL, "model: keep-activations set after finalize");
+    m->keep_activations = 1;
+    return KFAC_OK;
+}
+
+int kfac_model_keeps_activations(const kfac_model *m) { return m->keep_activations; }
 
 kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed)
 {

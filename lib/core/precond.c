@@ -238,6 +238,10 @@ kfac_status kfac_precond_init(kfac_precond **out, kfac_model *m, const kfac_prec
         cfg->factor_dtype != KFAC_BF16)
         return KFAC_ERR(KFAC_EINVAL, "kfac: factor traffic must be f32, f16 or bf16");
     kfac_backend *be = kfac_model_backend(m);
+    if (cfg->fisher == KFAC_FISHER_SAMPLED && !kfac_model_keeps_activations(m))
+        return KFAC_ERR(KFAC_EINVAL, "kfac: a sampled Fisher runs a second backward over each "
+                        "forward, so the model must keep its activations through backward "
+                        "(kfac_model_set_keep_activations, or kfac_resnet_options.keep_activations)");
     if (!be->gram_patches)
         return KFAC_ERR(KFAC_ENOTSUP, "kfac: the %s backend has no K-FAC stages", be->name);
     kfac_precond *p = calloc(1, sizeof *p);

@@ -106,6 +106,7 @@ kfac_status kfac_resnet_build(const char *name, const kfac_resnet_options *opt, 
     kfac_model *m;
     KFAC_TRY(kfac_model_init(&m, be, max_batch, size, size, in_ch));
     kfac_status st = opt->inference_only ? kfac_model_set_inference_only(m) : KFAC_OK;
+    if (st == KFAC_OK && opt->keep_activations) st = kfac_model_set_keep_activations(m);
     if (st == KFAC_OK) st = build(m, a, classes, opt->zero_init_residual);
     if (st == KFAC_OK) st = kfac_model_finalize(m, seed);
     if (st != KFAC_OK) {

@@ -217,6 +217,9 @@ static kfac_status build_model(trainer *t)
         .num_classes = t->train_set->num_classes,
         .image_size = height,
         .in_channels = channels,
+        /* a sampled Fisher's second backward reads the step's activations */
+        .keep_activations = !strcmp(job->optimizer.name, "kfac") &&
+                            !strcmp(job->optimizer.kfac.fisher, "sampled"),
     };
     if (height != width)
         return KFAC_ERR(KFAC_ENOTSUP, "non-square images (%dx%d): set data.crop", height, width);

@@ -11,7 +11,8 @@
  * (every step refreshing, untimed) is 20 steps unless --kfac-warmup says.
  * Peak resident memory of the process is reported with each figure (run one
  * configuration per process to compare it), with the model's arena
- * (kfac_model_memory: kept activations, the shared region, workspace).
+ * (kfac_model_memory: fixed buffers, the shared slots and the most bytes
+ * live in them at once, workspace).
  *
  * --device cuda (train or infer): the same step on the CUDA backend,
  * reported as kfac_{mode}[_kfac]_{model}_b{batch}_cuda_fp32 (_tf32 with --precision
@@ -251,12 +252,10 @@ int main(int argc, char **argv)
                peak_rss_mib(), threads);
     kfac_model_memory mem;
     kfac_model_get_memory(m, &mem);
-    printf(", \"arena_mib\": %.1f, \"kept_activations_mib\": %.1f, \"shared_mib\": %.1f, "
-           "\"workspace_mib\": %.1f",
-           mem.arena / 1048576.0, mem.kept_activations / 1048576.0,
-           (mem.forward_only_slots > mem.gradient_slots ? mem.forward_only_slots
-                                                        : mem.gradient_slots) / 1048576.0,
-           mem.workspace / 1048576.0);
+    printf(", \"arena_mib\": %.1f, \"fixed_mib\": %.1f, \"shared_mib\": %.1f, "
+           "\"peak_live_mib\": %.1f, \"workspace_mib\": %.1f",
+           mem.arena / 1048576.0, mem.fixed / 1048576.0, mem.shared_slots / 1048576.0,
+           mem.peak_live / 1048576.0, mem.workspace / 1048576.0);
     /* On cuda these are host seconds: device work a stage queues counts where the host next waits. */
     if (kfac)
         printf(", \"capture_share\": %.3f, \"invert_share\": %.3f, "

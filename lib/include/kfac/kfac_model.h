@@ -82,6 +82,13 @@ kfac_status kfac_model_zero_init_gamma(kfac_model *m, int bn_out);
  * kfac_model_backward is refused. */
 kfac_status kfac_model_set_inference_only(kfac_model *m);
 
+/* Before finalize: activations a backward reads stay valid until the next
+ * forward, instead of sharing memory with gradients once that backward has
+ * run; for a second backward over the same forward (K-FAC's sampled
+ * Fisher) or reading them after backward.  Costs memory. */
+kfac_status kfac_model_set_keep_activations(kfac_model *m);
+int kfac_model_keeps_activations(const kfac_model *m);
+
 kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed);
 
 /* The input buffer (max_batch x H x W x C float32, backend memory; with a
@@ -142,18 +149,21 @@ double kfac_model_macs_per_image(const kfac_model *m);
  * their gradients and BN statistics are a separate allocation). */
 size_t kfac_model_arena_bytes(const kfac_model *m);
 
-/* How the arena is spent, in bytes, at max_batch.  Activations backward
- * reads are kept for the whole step; the others (forward-only: in a ResNet
- * each branch's last bn output, read only by its add) share slots during
- * forward, and value gradients share slots during backward, in one region
- * of max(forward_only_slots, gradient_slots) bytes. */
+/* How the arena is spent, in bytes, at max_batch.  Buffers whose lifetimes
+ * in a training step do not overlap share memory (model.c, "memory
+ * plan"): activations that no backward reads (in a ResNet each branch's
+ * last bn output, read only by its add) are dead after forward, the
+ * others once the backward reading them has run, unless the model keeps
+ * them (kfac_model_set_keep_activations), and value gradients live only
+ * in backward. */
 typedef struct kfac_model_memory {
-    size_t arena;                    /* everything below but the workspace */
-    size_t kept_activations;
-    size_t forward_only_activations; /* their sum, before sharing */
-    size_t forward_only_slots;       /* what they take */
-    size_t value_gradients;          /* their sum, before sharing */
-    size_t gradient_slots;           /* what they take */
+    size_t arena;                    /* fixed + shared_slots (no workspace) */
+    size_t fixed;                    /* input, logits, float32 input, BN saves */
+    size_t backward_activations;     /* activations some backward reads (sum) */
+    size_t forward_only_activations; /* the others (sum) */
+    size_t value_gradients;          /* sum of the values' gradients */
+    size_t shared_slots;             /* what all but the fixed buffers take */
+    size_t peak_live;                /* the most of those live at one step */
     size_t workspace;                /* the layers' scratch (conv_workspace) */
 } kfac_model_memory;
 void kfac_model_get_memory(const kfac_model *m, kfac_model_memory *out);
@@ -170,10 +180,13 @@ void kfac_model_set_bn_momentum(kfac_model *m, float momentum);
 /* A node's tensors for the current batch of n images.  dy (the gradient of
  * the node's output) is valid only inside a backward hook for that node:
  * gradient buffers are shared between layers whose lifetimes do not
- * overlap.  x and y stay valid until the next forward where backward reads
- * them (kfac_model_memory's kept activations: conv, fc, bn and max pool
+ * overlap.  The activations a backward reads (conv, fc, bn and max pool
  * inputs; relu and max pool outputs, bn and add outputs under a fused
- * ReLU); any other y may already hold a later layer's activation. */
+ * ReLU) stay valid until the last backward reading them has run, so x and
+ * such a y are valid inside this node's backward hook; after the whole
+ * step only the input and the logits are, unless the model keeps its
+ * activations (kfac_model_set_keep_activations).  Any other y may hold a
+ * later layer's activation as soon as its readers' forwards have run. */
 typedef struct kfac_layer_view {
     kfac_node_kind kind;
     const char *name;

@@ -26,6 +26,7 @@ typedef struct kfac_resnet_options {
     int image_size;         /* 0: the architecture's default (28, 32 or 224) */
     int in_channels;        /* 0: the architecture's default (1 or 3) */
     int inference_only;     /* kfac_model_set_inference_only: forwards only */
+    int keep_activations;   /* kfac_model_set_keep_activations: two backwards */
 } kfac_resnet_options;
 
 /* Builds and finalizes the named ResNet; names as in the table above. */
