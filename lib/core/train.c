@@ -600,8 +600,8 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
     if (cb && cb->on_start) {
         char summary[1024];
         snprintf(summary, sizeof summary,
-                 "%s: %zu parameters, %.1f M MACs/image, %.0f MiB of activations and "
-                 "workspace; %zu train / %zu test images; "
+                 "%s: %zu parameters, %.1f M MACs/image, %.0f MiB arena (activations, gradients, "
+                 "workspace); %zu train / %zu test images; "
                  "batch %d = %d ranks x %d micro-batches x %d, %zu steps/epoch, %d epochs; "
                  "backend %s (precision %s%s), %d threads/rank; comm %s",
                  job->model.name, kfac_model_param_count(t->model),
