@@ -37,7 +37,8 @@
  *               are exactly 0 on both.  Gradients only, factor 4 and never
  *               more than a relative error of 0.5.
  * Also: the first loss within `loss` relative of the CPU's; the GPU's loss
- * halves over the trajectory as the CPU's does.  f16 runs at a fixed loss
+ * halves over the trajectory as the CPU's does; an inference-only model's
+ * logits equal the training model's on the GPU.  f16 runs at a fixed loss
  * scale of 2^10 on the logits' gradient (the scaling policy is
  * test_optim's).
  *
@@ -290,6 +291,63 @@ static void check_scenario(const kfac_model *shape, kfac_backend *cpu, const sce
     free(ref.grads);
 }
 
+/* The logits of one eval or train-mode forward of a fresh model (seed 1)
+ * on the images; inference: built for inference only. */
+static kfac_status forward_logits(kfac_backend *be, int inference, kfac_mode mode, float *logits)
+{
+    kfac_resnet_options opt = {.inference_only = inference};
+    kfac_model *m;
+    KFAC_TRY(kfac_resnet_build("resnet50", &opt, be, BATCH, 1, &m));
+    int h, w, c;
+    kfac_model_input_shape(m, &h, &w, &c);
+    kfac_status st =
+        be->upload(be, kfac_model_input(m), images, (size_t)BATCH * h * w * c * sizeof(float));
+    if (st == KFAC_OK) st = kfac_model_forward(m, BATCH, mode);
+    if (st == KFAC_OK)
+        st = be->download(be, logits, kfac_model_logits(m),
+                          (size_t)BATCH * kfac_model_classes(m) * sizeof(float));
+    kfac_model_free(m);
+    return st;
+}
+
+/* An inference-only model (every activation but input and logits in
+ * shared slots, reused layer after layer) gives the training model's
+ * logits on the GPU, in float32 and bf16, eval and train mode.  Same cuDNN
+ * plans on one backend, so equal up to kernels that might vary with the
+ * buffers' alignment: 1e-6 of the largest logit in float32, 1e-3 in bf16
+ * (a buffer reused too early would give garbage). */
+static void check_inference_only(void)
+{
+    const struct {
+        kfac_dtype dtype;
+        double tol;
+    } runs[] = {{KFAC_F32, 1e-6}, {KFAC_BF16, 1e-3}};
+    enum { CLASSES = 1000 };
+    static float train[BATCH * CLASSES], infer[BATCH * CLASSES];
+    for (size_t k = 0; k < sizeof runs / sizeof runs[0]; k++)
+        for (int e = 0; e < 2; e++) {
+            kfac_mode mode = e ? KFAC_MODE_TRAIN : KFAC_MODE_EVAL;
+            kfac_backend *gpu = NULL;
+            kfac_status st = kfac_backend_get("cuda", 0, &gpu);
+            if (st == KFAC_OK) st = kfac_backend_set_precision(gpu, runs[k].dtype);
+            if (st == KFAC_OK) st = forward_logits(gpu, 0, mode, train);
+            if (st == KFAC_OK) st = forward_logits(gpu, 1, mode, infer);
+            CHECK_OK(st);
+            kfac_backend_free(gpu);
+            if (st != KFAC_OK) continue;
+            double big = 0, diff = 0;
+            for (int i = 0; i < BATCH * CLASSES; i++) {
+                big = fmax(big, fabs(train[i]));
+                diff = fmax(diff, fabs(infer[i] - train[i]));
+            }
+            printf("inference-only %s %s: max logit difference %.3g of %.3g\n",
+                   kfac_dtype_name(runs[k].dtype), e ? "train" : "eval", diff, big);
+            CHECK(big > 0 && diff <= runs[k].tol * big,
+                  "inference-only %s %s: logits differ by %.3g of %.3g",
+                  kfac_dtype_name(runs[k].dtype), e ? "train" : "eval", diff, big);
+        }
+}
+
 int main(void)
 {
     TEST_REQUIRE_GPU("test_cuda_model");
@@ -309,6 +367,7 @@ int main(void)
     /* A CPU run of the chaotic scenario takes ~10 s on 2 cores. */
     for (size_t s = 0; s < sizeof scenarios / sizeof scenarios[0]; s++)
         check_scenario(shape, cpu, &scenarios[s]);
+    check_inference_only();
     free(images);
     kfac_model_free(shape);
     kfac_backend_free(cpu);
