@@ -28,7 +28,7 @@ typedef struct layer {
     float *a, *g;                /* running factors, packed */
     float *a_batch, *g_batch;    /* this batch's estimate, packed */
     float *ainv, *ginv;          /* damped inverses, full (factored form) */
-    float *qa, *da, *qg, *dg;    /* eigendecompositions (eig path) */
+    float *qa, *da, *qg, *dg;    /* eigendecompositions (exact_kronecker only) */
     int channels;                /* bn */
     float *fisher, *fisher_batch;/* bn: 3 per channel */
     float *fisher_inv;           /* bn: the Fisher as of the last inversion (preconditions) */
@@ -69,6 +69,8 @@ struct kfac_precond {
     void *gram_ws;
     float *sg, *sb;              /* bn per-sample sums: max_batch x max channels */
     float *pmat, *tmp;           /* k x d scratch, largest layer (pmat: or 2 x BN channels) */
+    float *eig_q, *eig_d;        /* one factor's eigenpairs on the way to its inverse (eig
+                                    path without exact_kronecker), largest order */
     void *inv_ws;                /* inverse_workspace of the largest order */
     kfac_precond_stats stats;
 };
@@ -121,13 +123,13 @@ static kfac_status init_kron_layer(kfac_precond *p, layer *L, const kfac_layer_v
     KFAC_TRY(alloc_floats(p, pa, &L->a_batch));
     KFAC_TRY(alloc_floats(p, pg, &L->g));
     KFAC_TRY(alloc_floats(p, pg, &L->g_batch));
-    if (p->cfg.inverse == KFAC_INVERSE_EIG) {
+    if (p->cfg.inverse == KFAC_INVERSE_EIG && p->cfg.exact_kronecker) {
         KFAC_TRY(alloc_floats(p, (size_t)L->d * L->d, &L->qa));
         KFAC_TRY(alloc_floats(p, (size_t)L->d, &L->da));
         KFAC_TRY(alloc_floats(p, (size_t)L->k * L->k, &L->qg));
         KFAC_TRY(alloc_floats(p, (size_t)L->k, &L->dg));
     }
-    if (!(p->cfg.inverse == KFAC_INVERSE_EIG && p->cfg.exact_kronecker)) {
+    if (!(p->cfg.inverse == KFAC_INVERSE_EIG && p->cfg.exact_kronecker)) { /* factored form */
         KFAC_TRY(alloc_floats(p, (size_t)L->d * L->d, &L->ainv));
         KFAC_TRY(alloc_floats(p, (size_t)L->k * L->k, &L->ginv));
     }
@@ -144,7 +146,7 @@ static kfac_status init_layers(kfac_precond *p)
     p->layers = calloc((size_t)nodes, sizeof(layer));
     if (!p->layer_of_node || !p->layers) return KFAC_ERR(KFAC_ENOMEM, "kfac: out of memory");
     kfac_backend *be = p->be;
-    size_t max_kd = 1, max_ws = 0, max_inv_ws = 0, max_c = 1;
+    size_t max_kd = 1, max_ws = 0, max_inv_ws = 0, max_c = 1, max_order = 1;
     for (int pass = 0; pass < 2; pass++) /* Kronecker layers first, then BN */
         for (int i = 0; i < nodes; i++) {
             kfac_layer_view v;
@@ -169,7 +171,9 @@ static kfac_status init_layers(kfac_precond *p)
                 ws = ws > ws_rows ? ws : ws_rows;
                 max_ws = ws > max_ws ? ws : max_ws;
                 max_kd = (size_t)L->k * L->d > max_kd ? (size_t)L->k * L->d : max_kd;
-                size_t inv_ws = be->inverse_workspace(be, L->d > L->k ? L->d : L->k);
+                size_t order = (size_t)(L->d > L->k ? L->d : L->k);
+                max_order = order > max_order ? order : max_order;
+                size_t inv_ws = be->inverse_workspace(be, (int)order);
                 max_inv_ws = inv_ws > max_inv_ws ? inv_ws : max_inv_ws;
                 p->stats.layers++;
             } else {
@@ -189,6 +193,10 @@ static kfac_status init_layers(kfac_precond *p)
     KFAC_TRY(alloc_floats(p, (size_t)max_batch * max_c, &p->sb));
     KFAC_TRY(alloc_floats(p, max_kd > 2 * max_c ? max_kd : 2 * max_c, &p->pmat));
     KFAC_TRY(alloc_floats(p, max_kd, &p->tmp));
+    if (p->cfg.inverse == KFAC_INVERSE_EIG && !p->cfg.exact_kronecker) {
+        KFAC_TRY(alloc_floats(p, max_order * max_order, &p->eig_q));
+        KFAC_TRY(alloc_floats(p, max_order, &p->eig_d));
+    }
     KFAC_TRY(be->alloc(be, ((size_t)p->num_layers + 1) * sizeof(double), (void **)&p->pg));
     size_t max_factor = 1, factors = 0, grads = 0;
     for (int i = 0; i < p->num_layers; i++) {
@@ -277,7 +285,7 @@ void kfac_precond_free(kfac_precond *p)
     }
     RELEASE(p->gram_ws); RELEASE(p->inv_ws); RELEASE(p->sg); RELEASE(p->sb);
     RELEASE(p->pmat); RELEASE(p->tmp); RELEASE(p->micro_tmp); RELEASE(p->gbuf);
-    RELEASE(p->pg);
+    RELEASE(p->pg); RELEASE(p->eig_q); RELEASE(p->eig_d);
 #undef RELEASE
     kfac_comm_free(p->self_comm);
     free(p->fsend);
@@ -655,11 +663,15 @@ static kfac_status invert_layer(kfac_precond *p, layer *L, const float *a, const
         KFAC_TRY(be->inverse_cholesky(be, L->d, a, shift_a, L->ainv, p->inv_ws));
         return be->inverse_cholesky(be, L->k, g, shift_g, L->ginv, p->inv_ws);
     }
-    KFAC_TRY(be->eigh(be, L->d, a, L->da, L->qa, p->inv_ws));
-    KFAC_TRY(be->eigh(be, L->k, g, L->dg, L->qg, p->inv_ws));
-    if (p->cfg.exact_kronecker) return KFAC_OK; /* damping applies at preconditioning */
-    KFAC_TRY(be->inverse_from_eig(be, L->d, L->da, L->qa, shift_a, L->ainv, p->inv_ws));
-    return be->inverse_from_eig(be, L->k, L->dg, L->qg, shift_g, L->ginv, p->inv_ws);
+    if (p->cfg.exact_kronecker) { /* the eigenpairs stay: damping applies at preconditioning */
+        KFAC_TRY(be->eigh(be, L->d, a, L->da, L->qa, p->inv_ws));
+        return be->eigh(be, L->k, g, L->dg, L->qg, p->inv_ws);
+    }
+    /* each factor's eigenpairs pass through shared scratch into its inverse */
+    KFAC_TRY(be->eigh(be, L->d, a, p->eig_d, p->eig_q, p->inv_ws));
+    KFAC_TRY(be->inverse_from_eig(be, L->d, p->eig_d, p->eig_q, shift_a, L->ainv, p->inv_ws));
+    KFAC_TRY(be->eigh(be, L->k, g, p->eig_d, p->eig_q, p->inv_ws));
+    return be->inverse_from_eig(be, L->k, p->eig_d, p->eig_q, shift_g, L->ginv, p->inv_ws);
 }
 
 /* Inverts this rank's due layers; every rank advances the schedule.  With
