@@ -102,7 +102,10 @@ kfac_status kfac_precond_step(kfac_precond *p, long step, double epoch, float lr
  * (1 / (ranks * M)). */
 int kfac_precond_begin(kfac_precond *p, long step, int micro_batches);
 /* Sampled Fisher only (else a no-op): loss at sampled labels and a backward
- * with capture; `micro_index` makes each micro-batch's samples distinct. */
+ * with capture; `micro_index` makes each micro-batch's samples distinct.
+ * The real backward then runs over the same forward, so kfac_precond_init
+ * refuses a sampled Fisher unless the model keeps its activations
+ * (kfac_model_set_keep_activations). */
 kfac_status kfac_precond_sampled_pass(kfac_precond *p, int n, long micro_index);
 /* Whether the capture hook is wanted in the real backward of this step. */
 int kfac_precond_capture_in_backward(const kfac_precond *p);
