@@ -60,7 +60,6 @@ struct kfac_model {
     size_t param_count, buffer_count;
     float *params_data, *grads_data, *buffers_data; /* one allocation */
     void *arena;
-    size_t arena_bytes;
     kfac_model_memory mem;
     void *workspace;
     size_t workspace_bytes;
@@ -567,7 +566,6 @@ kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed)
         return KFAC_ERR(KFAC_ENOTSUP, "model: backend '%s' stores %s activations but cannot "
                         "convert its input", be->name, kfac_dtype_name(be->act_dtype));
     KFAC_TRY(plan_arena(m, NULL));
-    m->arena_bytes = m->mem.arena;
     for (int i = 0; i < m->num_nodes; i++) {
         const node *nd = &m->nodes[i];
         if (nd->kind == KFAC_NODE_CONV || nd->kind == KFAC_NODE_FC) {
@@ -577,7 +575,7 @@ kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed)
     }
     size_t flat = 2 * m->param_count + m->buffer_count;
     void *flat_mem = NULL;
-    KFAC_TRY(be->alloc(be, m->arena_bytes, &m->arena));
+    KFAC_TRY(be->alloc(be, m->mem.arena, &m->arena));
     KFAC_TRY(be->alloc(be, m->workspace_bytes ? m->workspace_bytes : 64, &m->workspace));
     KFAC_TRY(be->alloc(be, flat * sizeof(float), &flat_mem));
     KFAC_TRY(be->alloc(be, (size_t)m->max_batch * sizeof(int32_t), (void **)&m->labels));
@@ -918,7 +916,7 @@ const kfac_param *kfac_model_param_tensor(const kfac_model *m, int i) { return &
 float *kfac_model_buffers(kfac_model *m) { return m->buffers_data; }
 size_t kfac_model_buffer_count(const kfac_model *m) { return m->buffer_count; }
 double kfac_model_macs_per_image(const kfac_model *m) { return m->macs; }
-size_t kfac_model_arena_bytes(const kfac_model *m) { return m->arena_bytes + m->workspace_bytes; }
+size_t kfac_model_arena_bytes(const kfac_model *m) { return m->mem.arena + m->workspace_bytes; }
 void kfac_model_get_memory(const kfac_model *m, kfac_model_memory *out)
 {
     *out = m->mem;

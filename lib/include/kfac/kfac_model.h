@@ -159,7 +159,7 @@ size_t kfac_model_arena_bytes(const kfac_model *m);
 typedef struct kfac_model_memory {
     size_t arena;                    /* fixed + shared_slots (no workspace) */
     size_t fixed;                    /* input, logits, float32 input, BN saves */
-    size_t backward_activations;     /* activations some backward reads (sum) */
+    size_t backward_activations;     /* the input, logits and what a backward reads (sum) */
     size_t forward_only_activations; /* the others (sum) */
     size_t value_gradients;          /* sum of the values' gradients */
     size_t shared_slots;             /* what all but the fixed buffers take */
