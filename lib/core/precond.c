@@ -230,6 +230,11 @@ static kfac_status init_layers(kfac_precond *p)
     return KFAC_OK;
 }
 
+int kfac_precond_needs_kept_activations(const kfac_precond_config *cfg)
+{
+    return cfg->fisher == KFAC_FISHER_SAMPLED;
+}
+
 kfac_status kfac_precond_init(kfac_precond **out, kfac_model *m, const kfac_precond_config *cfg)
 {
     *out = NULL;
@@ -246,7 +251,7 @@ kfac_status kfac_precond_init(kfac_precond **out, kfac_model *m, const kfac_prec
         cfg->factor_dtype != KFAC_BF16)
         return KFAC_ERR(KFAC_EINVAL, "kfac: factor traffic must be f32, f16 or bf16");
     kfac_backend *be = kfac_model_backend(m);
-    if (cfg->fisher == KFAC_FISHER_SAMPLED && !kfac_model_keeps_activations(m))
+    if (kfac_precond_needs_kept_activations(cfg) && !kfac_model_keeps_activations(m))
         return KFAC_ERR(KFAC_EINVAL, "kfac: a sampled Fisher runs a second backward over each "
                         "forward, so the model must keep its activations through backward "
                         "(kfac_model_set_keep_activations, or kfac_resnet_options.keep_activations)");

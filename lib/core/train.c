@@ -207,9 +207,12 @@ static kfac_status build_model(trainer *t)
 {
     const kfac_job *job = t->job;
     /* Sized for training: evaluation runs in pieces of this size, so it
-     * never needs more memory than a step (ResNet-50 holds ~125 MiB of
-     * activations per image in f32). */
+     * never needs more memory than a step (ResNet-50's arena is ~82 MiB
+     * per image in f32). */
     int max_batch = t->micro_size;
+    const int kfac = strcmp(job->optimizer.name, "kfac") == 0;
+    kfac_precond_config kc;
+    precond_config_from_job(job, &kc);
     int height, width, channels;
     kfac_batcher_sample_shape(t->train_batches, &height, &width, &channels);
     kfac_resnet_options opt = {
@@ -217,9 +220,7 @@ static kfac_status build_model(trainer *t)
         .num_classes = t->train_set->num_classes,
         .image_size = height,
         .in_channels = channels,
-        /* a sampled Fisher's second backward reads the step's activations */
-        .keep_activations = !strcmp(job->optimizer.name, "kfac") &&
-                            !strcmp(job->optimizer.kfac.fisher, "sampled"),
+        .keep_activations = kfac && kfac_precond_needs_kept_activations(&kc),
     };
     if (height != width)
         return KFAC_ERR(KFAC_ENOTSUP, "non-square images (%dx%d): set data.crop", height, width);
@@ -232,9 +233,7 @@ static kfac_status build_model(trainer *t)
         .decay_bn_and_bias = job->optimizer.decay_bn_and_bias,
     };
     KFAC_TRY(kfac_sgd_init(&t->sgd, t->model, &sgd));
-    if (strcmp(job->optimizer.name, "kfac") == 0) {
-        kfac_precond_config kc;
-        precond_config_from_job(job, &kc);
+    if (kfac) {
         KFAC_TRY(kfac_precond_init(&t->kfac, t->model, &kc));
         KFAC_TRY(kfac_precond_set_comm(t->kfac, t->world));
     }

@@ -69,6 +69,9 @@ void kfac_precond_config_defaults(kfac_precond_config *cfg);
 
 typedef struct kfac_precond kfac_precond;
 
+/* Whether models under this configuration must keep their activations
+ * through backward (kfac_model_set_keep_activations): a sampled Fisher. */
+int kfac_precond_needs_kept_activations(const kfac_precond_config *cfg);
 kfac_status kfac_precond_init(kfac_precond **out, kfac_model *m, const kfac_precond_config *cfg);
 void kfac_precond_free(kfac_precond *p);
 
@@ -105,7 +108,8 @@ int kfac_precond_begin(kfac_precond *p, long step, int micro_batches);
  * with capture; `micro_index` makes each micro-batch's samples distinct.
  * The real backward then runs over the same forward, so kfac_precond_init
  * refuses a sampled Fisher unless the model keeps its activations
- * (kfac_model_set_keep_activations). */
+ * (kfac_model_set_keep_activations; kfac_precond_needs_kept_activations
+ * says whether a configuration needs that). */
 kfac_status kfac_precond_sampled_pass(kfac_precond *p, int n, long micro_index);
 /* Whether the capture hook is wanted in the real backward of this step. */
 int kfac_precond_capture_in_backward(const kfac_precond *p);
