@@ -36,10 +36,13 @@
  * Last, SGD with train.micro_batches 2 (16 images a pass, the gradient
  * sums between passes on the device), cuda f32 and bf16 against a cpu run
  * with 2 micro-batches, with SGD's tolerances.
- * The f32 and bf16 runs replay their passes from CUDA graphs (the default;
- * graph_passes must count them); a bf16 run with train.cuda_graphs false
- * must give bit for bit the same parameters as the bf16 run with graphs
- * (the same kernels on the same data, deterministic algorithms).
+ * Every cuda run replays passes from CUDA graphs (the default; graph_passes
+ * must count them), K-FAC's in the steps that estimate no factors.  Runs
+ * with train.cuda_graphs false must give bit for bit the parameters of
+ * their twins with graphs (the same kernels on the same data, deterministic
+ * algorithms): SGD bf16, K-FAC bf16, 2 micro-batches bf16, and f16 with the
+ * loss scale doubling every 3 steps (train.loss_scale_growth 3: each new
+ * scale needs new graphs, which replace the oldest).
  *
  * The images are synthetic (a class-dependent stripe pattern plus noise,
  * written as IDX files), so the test needs no dataset on the GPU machine.
@@ -60,29 +63,37 @@ typedef struct config {
     double params, loss, acc; /* tolerances, see above */
     int ref;                  /* the cpu run compared against */
     const char *overrides;    /* more job settings, space-separated ("": SGD, as above) */
+    int eager_of;             /* graphs off: the run with graphs whose parameters this
+                                 one's must equal bit for bit (0: none) */
 } config;
 
 #define KFAC_OPT "optimizer.name=kfac optimizer.kfac.warmup_steps=4 " \
                  "optimizer.kfac.factor_interval=3 optimizer.kfac.inverse_interval=3 " \
                  "optimizer.kfac.damping=0.03 optimizer.kfac.kl_clip=0.001 schedule.lr=0.02"
-enum { BF16_GRAPHS = 2, BF16_EAGER = 4, KFAC_CPU = 6, KFAC_CHOL_CPU = 10, MICRO_CPU = 12 };
+#define GROWTH "train.loss_scale_growth=3"
+enum { BF16_GRAPHS = 2, F16_GROWTH = 6, KFAC_CPU = 8, KFAC_BF16_GRAPHS = 11, KFAC_CHOL_CPU = 13,
+       MICRO_CPU = 15, MICRO_BF16_GRAPHS = 17 };
 static const config configs[] = {
-    {"cpu", "f32", 1, 0, 0, 0, 0, ""},
-    {"cuda", "f32", 1, 1e-3, 1e-3, 0.01, 0, ""},
-    {"cuda", "bf16", 1, 8e-2, 3e-2, 0.05, 0, ""},
-    {"cuda", "f16", 1, 6e-2, 1e-2, 0.03, 0, ""},
-    {"cuda", "bf16", 0, 8e-2, 3e-2, 0.05, 0, ""},
-    {"cuda", "tf32", 1, 6e-2, 1e-2, 0.03, 0, ""},
-    {"cpu", "f32", 1, 0, 0, 0, KFAC_CPU, KFAC_OPT},
-    {"cpu", "f32", 1, 1e-2, 5e-3, 0.02, KFAC_CPU, KFAC_OPT " train.threads=1"}, /* the floor */
-    {"cuda", "f32", 1, 1e-2, 5e-3, 0.02, KFAC_CPU, KFAC_OPT},
-    {"cuda", "bf16", 1, 8e-2, 3e-2, 0.05, KFAC_CPU, KFAC_OPT},
-    {"cpu", "f32", 1, 0, 0, 0, KFAC_CHOL_CPU, KFAC_OPT " optimizer.kfac.inverse=cholesky"},
+    {"cpu", "f32", 1, 0, 0, 0, 0, "", 0},
+    {"cuda", "f32", 1, 1e-3, 1e-3, 0.01, 0, "", 0},
+    {"cuda", "bf16", 1, 8e-2, 3e-2, 0.05, 0, "", 0},
+    {"cuda", "f16", 1, 6e-2, 1e-2, 0.03, 0, "", 0},
+    {"cuda", "bf16", 0, 8e-2, 3e-2, 0.05, 0, "", BF16_GRAPHS},
+    {"cuda", "tf32", 1, 6e-2, 1e-2, 0.03, 0, "", 0},
+    {"cuda", "f16", 1, 6e-2, 1e-2, 0.03, 0, GROWTH, 0},
+    {"cuda", "f16", 0, 6e-2, 1e-2, 0.03, 0, GROWTH, F16_GROWTH},
+    {"cpu", "f32", 1, 0, 0, 0, KFAC_CPU, KFAC_OPT, 0},
+    {"cpu", "f32", 1, 1e-2, 5e-3, 0.02, KFAC_CPU, KFAC_OPT " train.threads=1", 0}, /* the floor */
+    {"cuda", "f32", 1, 1e-2, 5e-3, 0.02, KFAC_CPU, KFAC_OPT, 0},
+    {"cuda", "bf16", 1, 8e-2, 3e-2, 0.05, KFAC_CPU, KFAC_OPT, 0},
+    {"cuda", "bf16", 0, 8e-2, 3e-2, 0.05, KFAC_CPU, KFAC_OPT, KFAC_BF16_GRAPHS},
+    {"cpu", "f32", 1, 0, 0, 0, KFAC_CHOL_CPU, KFAC_OPT " optimizer.kfac.inverse=cholesky", 0},
     {"cuda", "f32", 1, 1e-2, 5e-3, 0.02, KFAC_CHOL_CPU,
-     KFAC_OPT " optimizer.kfac.inverse=cholesky"},
-    {"cpu", "f32", 1, 0, 0, 0, MICRO_CPU, "train.micro_batches=2"},
-    {"cuda", "f32", 1, 1e-3, 1e-3, 0.01, MICRO_CPU, "train.micro_batches=2"},
-    {"cuda", "bf16", 1, 8e-2, 3e-2, 0.05, MICRO_CPU, "train.micro_batches=2"},
+     KFAC_OPT " optimizer.kfac.inverse=cholesky", 0},
+    {"cpu", "f32", 1, 0, 0, 0, MICRO_CPU, "train.micro_batches=2", 0},
+    {"cuda", "f32", 1, 1e-3, 1e-3, 0.01, MICRO_CPU, "train.micro_batches=2", 0},
+    {"cuda", "bf16", 1, 8e-2, 3e-2, 0.05, MICRO_CPU, "train.micro_batches=2", 0},
+    {"cuda", "bf16", 0, 8e-2, 3e-2, 0.05, MICRO_CPU, "train.micro_batches=2", MICRO_BF16_GRAPHS},
 };
 enum { CONFIGS = sizeof configs / sizeof configs[0] };
 
@@ -175,6 +186,7 @@ int main(void)
         const config *cfg = &configs[k];
         const char *p = cfg->precision;
         const char *opt = strstr(cfg->overrides, "micro_batches") ? "sgd, 2 micro-batches"
+                          : strstr(cfg->overrides, "growth")      ? "sgd, scale x2 every 3 steps"
                           : !cfg->overrides[0]                    ? "sgd"
                           : strstr(cfg->overrides, "cholesky")    ? "kfac cholesky"
                                                                   : "kfac eig";
@@ -199,10 +211,9 @@ int main(void)
                p, cfg->graphs ? "" : " (graphs off)", opt,
                strstr(cfg->overrides, "threads=1") ? ", 1 thread" : "", em[k].train_loss, em[k].test_loss,
                em[k].test_acc, em[k].images_per_s, em[k].graph_passes, max_d, max_p);
-        /* f16: loss scaling; K-FAC: its hooks and schedule vary by step;
-         * micro-batches: the sums between passes */
-        int want_graphs = !strcmp(cfg->device, "cuda") && cfg->graphs && strcmp(p, "f16") != 0 &&
-                          !cfg->overrides[0];
+        /* every cuda run with graphs replays some passes: K-FAC's from the
+         * steps that estimate no factors (4, 5, 7, 8, 10 and 11) */
+        int want_graphs = !strcmp(cfg->device, "cuda") && cfg->graphs;
         CHECK(want_graphs ? em[k].graph_passes > 0 : em[k].graph_passes == -1,
               "%s graphs=%d: %ld passes from graphs", p, cfg->graphs, em[k].graph_passes);
         if (!strcmp(p, "f16"))
@@ -216,9 +227,25 @@ int main(void)
               "%s [%s]: test loss", p, opt);
         CHECK(fabs(em[k].test_acc - em[r].test_acc) <= cfg->acc, "%s [%s]: test accuracy", p, opt);
     }
-    if (params[BF16_GRAPHS] && params[BF16_EAGER])
-        CHECK(!memcmp(params[BF16_GRAPHS], params[BF16_EAGER], param_count[0] * sizeof(float)),
-              "bf16: parameters trained with and without CUDA graphs differ");
+    /* A graph replays the eager pass's kernels on the same data, and every
+     * algorithm is deterministic (cuDNN's picks, cuBLAS on one stream with a
+     * fixed workspace, cuSOLVER's default mode): the same bits. */
+    for (int k = 0; k < CONFIGS; k++) {
+        int g = configs[k].eager_of;
+        if (!g || !params[k] || !params[g]) continue;
+        CHECK(!memcmp(params[g], params[k], param_count[g] * sizeof(float)),
+              "%s [%s]: parameters trained with and without CUDA graphs differ",
+              configs[k].precision, configs[k].overrides);
+        CHECK(em[k].loss_scale == em[g].loss_scale && em[k].skipped_steps == em[g].skipped_steps,
+              "%s: loss scale %g / %g, skipped steps %ld / %ld with and without graphs",
+              configs[k].precision, em[g].loss_scale, em[k].loss_scale, em[g].skipped_steps,
+              em[k].skipped_steps);
+    }
+    /* the scale doubled after each 3 good steps of 12 (2^10 -> 2^14): its
+     * graphs changed 4 times, replacing older ones */
+    CHECK(em[F16_GROWTH].loss_scale == 16384.0f && em[F16_GROWTH].skipped_steps == 0,
+          "f16, growth every 3 steps: loss scale %g, %ld steps skipped (want 16384, 0)",
+          em[F16_GROWTH].loss_scale, em[F16_GROWTH].skipped_steps);
     for (int k = 0; k < CONFIGS; k++) free(params[k]);
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);

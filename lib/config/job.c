@@ -182,7 +182,9 @@ static const key_spec KEYS[] = {
         "loss scaling)"),
     KEY(train, loss_scale, T_FLOAT, "65536", ABOVE(0),
         "f16: the initial loss scale (halved, and the step skipped, when a gradient overflows; "
-        "doubled after 2000 good steps)"),
+        "doubled after train.loss_scale_growth good steps)"),
+    KEY(train, loss_scale_growth, T_INT, "2000", AT_LEAST(1),
+        "f16: good steps in a row after which the loss scale doubles (PyTorch's growth_interval)"),
     KEY(train, label_smoothing, T_FLOAT, "0", UNIT, "label smoothing of the cross-entropy loss"),
     KEY(train, max_steps, T_INT, "0", AT_LEAST(0), "stop after this many steps in total (0: no limit)"),
     KEY(train, precise_bn_images, T_INT, "0", AT_LEAST(0),
@@ -191,8 +193,9 @@ static const key_spec KEYS[] = {
         "each rank's share of a batch runs as this many micro-batches whose gradients are summed "
         "(BN statistics are per micro-batch)"),
     KEY(train, cuda_graphs, T_BOOL, "true", ANY,
-        "cuda: replay each step's forward, loss and backward from a CUDA graph (SGD on one GPU, "
-        "f32 or bf16; false: launch every operation)"),
+        "cuda: replay each step's forward, loss and backward from a CUDA graph (one GPU; K-FAC "
+        "steps that estimate factors launch every operation; false: always launch every "
+        "operation)"),
 
     KEY(distributed, bucket_mb, T_FLOAT, "25", ABOVE(0), "gradient all-reduce bucket size in MiB"),
     KEY(distributed, overlap, T_BOOL, "true", ANY,

@@ -925,3 +925,5 @@ void kfac_model_get_memory(const kfac_model *m, kfac_model_memory *out)
 kfac_backend *kfac_model_backend(kfac_model *m) { return m->be; }
 
 void kfac_model_set_loss_scale(kfac_model *m, float scale) { m->loss_scale = scale; }
+
+float kfac_model_loss_scale(const kfac_model *m) { return m->loss_scale; }

@@ -4,13 +4,16 @@
 
 #include "kfac/kfac_pass_graph.h"
 
-#define MAX_GRAPHS 4 /* two input buffers, and room for a second batch size */
+/* Two input buffers, and room for a second batch size or loss scale. */
+#define MAX_GRAPHS 4
 
 typedef struct entry {
-    const float *input;
+    const float *input; /* the key: what a captured pass holds fixed */
     int n;
-    int seen;    /* passes run with this key */
-    void *graph; /* NULL until captured */
+    float loss_scale;
+    int seen;       /* passes run with this key */
+    long last_used; /* for eviction: the entry least recently used goes */
+    void *graph;    /* NULL until captured */
 } entry;
 
 struct kfac_pass_graphs {
@@ -18,6 +21,7 @@ struct kfac_pass_graphs {
     kfac_backend *be;
     entry entries[MAX_GRAPHS];
     int count;
+    long passes; /* through kfac_pass_graphs_run: the entries' clock */
     long replays;
     int off;
     char reason[512];
@@ -49,14 +53,28 @@ const char *kfac_pass_graphs_off(const kfac_pass_graphs *g) { return g->off ? g-
 
 long kfac_pass_graphs_replays(const kfac_pass_graphs *g) { return g->replays; }
 
-/* The entry of (input, n); NULL when the table is full. */
-static entry *lookup(kfac_pass_graphs *g, const float *input, int n)
+/* The entry of the key; a new one replaces the least recently used when
+ * the table is full (fp16's loss scale moves on: old scales' graphs go). */
+static entry *lookup(kfac_pass_graphs *g, const float *input, int n, float loss_scale)
 {
-    for (int i = 0; i < g->count; i++)
-        if (g->entries[i].input == input && g->entries[i].n == n) return &g->entries[i];
-    if (g->count == MAX_GRAPHS) return NULL;
-    g->entries[g->count] = (entry){.input = input, .n = n};
-    return &g->entries[g->count++];
+    entry *e = NULL;
+    for (int i = 0; i < g->count && !e; i++)
+        if (g->entries[i].input == input && g->entries[i].n == n &&
+            g->entries[i].loss_scale == loss_scale)
+            e = &g->entries[i];
+    if (!e && g->count < MAX_GRAPHS) e = &g->entries[g->count++];
+    if (!e) {
+        e = &g->entries[0];
+        for (int i = 1; i < MAX_GRAPHS; i++)
+            if (g->entries[i].last_used < e->last_used) e = &g->entries[i];
+    }
+    if (e->input != input || e->n != n || e->loss_scale != loss_scale) {
+        /* an evicted graph still running is freed when it completes */
+        if (e->graph) g->be->graph_free(g->be, e->graph);
+        *e = (entry){.input = input, .n = n, .loss_scale = loss_scale};
+    }
+    e->last_used = ++g->passes;
+    return e;
 }
 
 static kfac_status backward(kfac_model *m, int n, kfac_backward_hook hook, void *user)
@@ -104,7 +122,7 @@ kfac_status kfac_pass_graphs_run(kfac_pass_graphs *g, int n, const int32_t *labe
                                   double *loss_sum, int *correct)
 {
     kfac_model *m = g->model;
-    entry *e = g->off ? NULL : lookup(g, kfac_model_input(m), n);
+    entry *e = g->off ? NULL : lookup(g, kfac_model_input(m), n, kfac_model_loss_scale(m));
     if (!e || e->seen++ == 0) /* no graph, or the warm-up pass */
         return eager(g, n, labels, smoothing, hook, user, loss_sum, correct);
     KFAC_TRY(kfac_model_set_labels(m, n, labels));

@@ -24,11 +24,13 @@ static kfac_status step_hook(kfac_model *m, int node, int n, void *user)
     return kfac_gradsync_node_done(s->sync, node);
 }
 
-/* Forward, [sampled-Fisher pass], loss and backward of micro-batch j. */
-static kfac_status pass(const kfac_step *s, int j, int n, const int32_t *labels, double *loss,
-                        int *hits)
+/* Forward, [sampled-Fisher pass], loss and backward of micro-batch j;
+ * from a graph unless K-FAC estimates factors in this step (its hook and
+ * sampled pass read activations between the backward operations). */
+static kfac_status pass(const kfac_step *s, int j, int factors, int n, const int32_t *labels,
+                        double *loss, int *hits)
 {
-    if (s->graphs)
+    if (s->graphs && !factors)
         return kfac_pass_graphs_run(s->graphs, n, labels, s->label_smoothing, step_hook,
                                     (void *)s, loss, hits);
     KFAC_TRY(kfac_model_forward(s->model, n, KFAC_MODE_TRAIN));
@@ -40,14 +42,14 @@ static kfac_status pass(const kfac_step *s, int j, int n, const int32_t *labels,
     return st;
 }
 
-static kfac_status micro_batch(const kfac_step *s, int j, kfac_micro_loader load, void *user,
-                               double *loss_sum, long *correct, long *seen)
+static kfac_status micro_batch(const kfac_step *s, int j, int factors, kfac_micro_loader load,
+                               void *user, double *loss_sum, long *correct, long *seen)
 {
     int n, hits;
     double loss;
     const int32_t *labels;
     KFAC_TRY(load(user, j, &n, &labels));
-    KFAC_TRY(pass(s, j, n, labels, &loss, &hits));
+    KFAC_TRY(pass(s, j, factors, n, labels, &loss, &hits));
     kfac_gradsync_end_micro(s->sync);
     if (s->kfac) kfac_precond_end_micro(s->kfac);
     *loss_sum += loss;
@@ -62,14 +64,14 @@ kfac_status kfac_step_run(const kfac_step *s, long step, double epoch, float lr,
 {
     if (s->loss_scale && s->kfac)
         return KFAC_ERR(KFAC_ENOTSUP, "step: loss scaling (f16) with K-FAC is not supported");
-    if (s->graphs && (s->kfac || s->loss_scale || s->ranks > 1))
-        return KFAC_ERR(KFAC_ENOTSUP, "step: graphs are for SGD on one rank without loss "
-                        "scaling (their backward hooks and scalars are fixed)");
+    if (s->graphs && s->ranks > 1)
+        return KFAC_ERR(KFAC_ENOTSUP, "step: graphs are for one rank (a replayed pass starts "
+                        "no all-reduce before it ends)");
     if (s->loss_scale) kfac_loss_scale_begin(s->loss_scale, s->model);
     KFAC_TRY(kfac_gradsync_begin(s->sync, s->micro_batches));
-    if (s->kfac) kfac_precond_begin(s->kfac, step, s->micro_batches);
+    int factors = s->kfac ? kfac_precond_begin(s->kfac, step, s->micro_batches) : 0;
     for (int j = 0; j < s->micro_batches; j++)
-        KFAC_TRY(micro_batch(s, j, load, user, loss_sum, correct, seen));
+        KFAC_TRY(micro_batch(s, j, factors, load, user, loss_sum, correct, seen));
     float mean = 1.0f / (float)(s->ranks * s->micro_batches);
     KFAC_TRY(kfac_gradsync_finish(s->sync, mean));
     if (s->loss_scale) {

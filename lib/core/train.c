@@ -577,15 +577,14 @@ static kfac_status run(trainer *t, const kfac_train_callbacks *cb, kfac_epoch_me
     KFAC_TRY(kfac_backend_set_precision_name(t->be, job->train.precision));
     if (t->be->act_dtype == KFAC_F16) {
         kfac_loss_scale_init(&t->loss_scale, job->train.loss_scale,
-                             KFAC_LOSS_SCALE_GROWTH_INTERVAL);
+                             job->train.loss_scale_growth);
         t->scaled = 1;
     }
     KFAC_TRY(schedule_from_job(job, &t->schedule));
     KFAC_TRY(open_data(t));
     KFAC_TRY(build_model(t));
     KFAC_TRY(kfac__feed_init(&t->feed, t->model, t->train_loader, t->micro_size));
-    if (job->train.cuda_graphs && t->be->capture_begin && !t->kfac && !t->scaled &&
-        t->size == 1 && t->micro_batches == 1)
+    if (job->train.cuda_graphs && t->be->capture_begin && t->size == 1)
         KFAC_TRY(kfac_pass_graphs_init(&t->graphs, t->model));
     KFAC_TRY(broadcast_model(t));
     if (lead) {

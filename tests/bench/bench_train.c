@@ -23,10 +23,13 @@
  * f16 with dynamic loss scaling), reported as _cuda_bf16 / _cuda_f16;
  * under KFAC_CUDNN_DETERMINISTIC=0 the names end in _nondet, under
  * KFAC_CUDNN_SEARCH=1 (cuDNN's timed algorithm search) in _search.  Training on
- * cuda (f32, bf16) replays forward, loss and backward from CUDA graphs as
- * the trainer does (KFAC_CUDA_GRAPHS=0: off); the line says which
- * ("cuda_graphs": true, or the reason they are off).  K-FAC on cuda (f32,
- * tf32, bf16) runs eagerly, its stages on the device.
+ * cuda replays forward, loss and backward from CUDA graphs as the trainer
+ * does (KFAC_CUDA_GRAPHS=0: off, the names of training figures end in
+ * _eager): training runs the trainer's step
+ * (kfac_step_run on one rank), where K-FAC's steps that estimate factors
+ * launch every operation and the others replay; the line says whether
+ * graphs were used ("cuda_graphs": true, or the reason they are off).
+ * K-FAC on cuda (f32, tf32, bf16) runs its stages on the device.
  * Every timed step ends with a wait for the device, so the time covers
  * finished GPU work. */
 #include <stdio.h>
@@ -37,12 +40,9 @@
 
 #include <cblas.h>
 
-#include "kfac/kfac_loss_scale.h"
-#include "kfac/kfac_optim.h"
-#include "kfac/kfac_pass_graph.h"
-#include "kfac/kfac_precond.h"
 #include "kfac/kfac_resnet.h"
 #include "kfac/kfac_rng.h"
+#include "kfac/kfac_step.h"
 
 static double now(void)
 {
@@ -73,6 +73,21 @@ static int usage(const char *why)
     return 2;
 }
 
+/* The batch of every step: the model's input, uploaded once. */
+typedef struct fixed_batch {
+    int n;
+    const int32_t *labels;
+} fixed_batch;
+
+static kfac_status load_fixed_batch(void *user, int micro, int *n, const int32_t **labels)
+{
+    const fixed_batch *fb = user;
+    (void)micro;
+    *n = fb->n;
+    *labels = fb->labels;
+    return KFAC_OK;
+}
+
 /* Waits for the work queued on a device backend: download synchronizes. */
 static kfac_status finish(kfac_backend *be, kfac_model *m)
 {
@@ -90,13 +105,16 @@ static void print_cuda(const kfac_backend *be, const kfac_pass_graphs *graphs, c
     const char *precision = strcmp(precision_name, "f32") ? precision_name
                             : tf32 && !strcmp(tf32, "1") ? "tf32"
                                                           : "fp32";
-    const char *det = getenv("KFAC_CUDNN_DETERMINISTIC"), *search = getenv("KFAC_CUDNN_SEARCH");
+    const char *det = getenv("KFAC_CUDNN_DETERMINISTIC"), *search = getenv("KFAC_CUDNN_SEARCH"),
+               *use_graphs = getenv("KFAC_CUDA_GRAPHS");
     double peak = be->peak_bytes ? be->peak_bytes(be) / 1048576.0 : -1;
-    printf("{\"name\": \"kfac_%s%s_%s_b%d_cuda_%s%s%s\", \"value\": %.1f, \"unit\": "
+    printf("{\"name\": \"kfac_%s%s_%s_b%d_cuda_%s%s%s%s\", \"value\": %.1f, \"unit\": "
            "\"images/s\", \"step_ms\": %.2f, \"gflops\": %.1f, \"peak_gpu_mib\": %.1f, "
            "\"cuda_graphs\": ",
            mode, kfac ? "_kfac" : "", model, batch, precision, det && !strcmp(det, "0") ? "_nondet" : "",
-           search && !strcmp(search, "1") ? "_search" : "", ips, 1e3 * batch / ips, gflops, peak);
+           search && !strcmp(search, "1") ? "_search" : "",
+           !strcmp(mode, "train") && use_graphs && !strcmp(use_graphs, "0") ? "_eager" : "", ips,
+           1e3 * batch / ips, gflops, peak);
     const char *off = graphs ? kfac_pass_graphs_off(graphs) : "not used";
     if (!off) {
         printf("true");
@@ -185,9 +203,19 @@ int main(int argc, char **argv)
     if (!strcmp(optimizer, "kfac") && kfac_precond_init(&kfac, m, &kcfg)) return die("kfac");
     kfac_pass_graphs *graphs = NULL;
     const char *use_graphs = getenv("KFAC_CUDA_GRAPHS");
-    if (gpu && train && !kfac && act != KFAC_F16 && !(use_graphs && !strcmp(use_graphs, "0")) &&
+    if (gpu && train && !(use_graphs && !strcmp(use_graphs, "0")) &&
         kfac_pass_graphs_init(&graphs, m))
         return die("graphs");
+    /* Training runs the trainer's step on one rank: K-FAC's steps that
+     * estimate no factors replay their passes from graphs too. */
+    kfac_comm *self = NULL;
+    kfac_gradsync *sync = NULL;
+    kfac_gradsync_config gcfg = {.overlap = 1, .max_micro_batches = 1};
+    if (train && (kfac_comm_self(&self) || kfac_step_gradsync(m, kfac, self, &gcfg, &sync)))
+        return die("gradient sync");
+    kfac_step step = {.model = m, .sgd = sgd, .kfac = kfac, .sync = sync,
+                      .loss_scale = act == KFAC_F16 ? &scaler : NULL, .graphs = graphs,
+                      .rank = 0, .ranks = 1, .micro_batches = 1};
     int h, w, c;
     kfac_model_input_shape(m, &h, &w, &c);
     kfac_rng rng;
@@ -215,25 +243,16 @@ int main(int argc, char **argv)
             t0 = now();
             if (kfac) kfac_precond_get_stats(kfac, &before);
         }
-        double loss;
-        int correct;
-        if (kfac) {
-            if (kfac_precond_step(kfac, it, 0.0, 0.01f, batch, labels, 0.0f, &loss, &correct))
-                return die("kfac step");
-        } else if (graphs) {
-            if (kfac_pass_graphs_run(graphs, batch, labels, 0.0f, NULL, NULL, &loss, &correct))
-                return die("pass");
-        } else {
-            if (kfac_model_forward(m, batch, train ? KFAC_MODE_TRAIN : KFAC_MODE_EVAL))
-                return die("forward");
-            if (act == KFAC_F16) kfac_loss_scale_begin(&scaler, m);
-            if (train && kfac_model_loss(m, batch, labels, 0.0f, &loss, &correct)) return die("loss");
-            if (train && kfac_model_backward(m, batch)) return die("backward");
+        if (train) {
+            fixed_batch fb = {batch, labels};
+            double loss = 0;
+            long correct = 0, seen = 0;
+            if (kfac_step_run(&step, it, 0.0, 0.01f, load_fixed_batch, &fb, &loss, &correct,
+                              &seen))
+                return die("step");
+        } else if (kfac_model_forward(m, batch, KFAC_MODE_EVAL)) {
+            return die("forward");
         }
-        int apply = 1;
-        if (train && act == KFAC_F16 && kfac_loss_scale_finish(&scaler, m, &apply))
-            return die("loss scale");
-        if (train && apply && kfac_sgd_step(sgd, 0.01f)) return die("sgd");
         if (gpu && finish(be, m)) return die("synchronize");
         if (it >= warm) images += batch;
         if (it >= warm + 2 && (it + 1 - warm) % period == 0 && now() - t0 > seconds) break;
@@ -265,6 +284,8 @@ int main(int argc, char **argv)
                (after.seconds_precondition - before.seconds_precondition) / elapsed);
     printf("}\n");
     kfac_pass_graphs_free(graphs);
+    kfac_gradsync_free(sync);
+    kfac_comm_free(self);
     kfac_precond_free(kfac);
     kfac_sgd_free(sgd);
     kfac_model_free(m);

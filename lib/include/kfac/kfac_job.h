@@ -97,6 +97,7 @@ typedef struct kfac_job {
         char device[KFAC_JOB_STR];  /* cpu | cuda */
         char precision[KFAC_JOB_STR]; /* f32 | tf32 | bf16 | f16: activations, convolutions */
         float loss_scale;           /* f16: initial dynamic loss scale */
+        int loss_scale_growth;      /* f16: good steps before the scale doubles */
         float label_smoothing;
         int max_steps;              /* stop after this many steps in total (0: no limit) */
         int precise_bn_images;      /* >0: recompute BN statistics over this many training

@@ -142,6 +142,7 @@ size_t kfac_model_buffer_count(const kfac_model *m);
  * scale times the logits' gradient, so every gradient of the backward
  * pass is scaled (default 1; see kfac_loss_scale.h). */
 void kfac_model_set_loss_scale(kfac_model *m, float scale);
+float kfac_model_loss_scale(const kfac_model *m);
 
 /* Multiply-adds of one forward pass per image (conv + FC). */
 double kfac_model_macs_per_image(const kfac_model *m);

@@ -3,16 +3,21 @@
  * hundred operations of a ResNet-50 pass cost one launch.
  *
  * A graph keeps the pointers and scalars it was captured with, so there is
- * one per (input buffer, batch size): the trainer's feed alternates two
- * input buffers.  The first pass of each runs eagerly (it plans cuDNN
- * convolutions and sizes scratch memory, which a capture must not do), the
- * second is captured, and it and later ones replay.  A failed capture
- * turns graphs off for good, with its reason kept; passes then run eagerly.
+ * one per (input buffer, batch size, loss scale): the trainer's feed
+ * alternates two input buffers, and fp16's dynamic loss scale changes now
+ * and then (a new scale's graphs replace the least recently used).  The
+ * first pass of each runs eagerly (it plans cuDNN convolutions and sizes
+ * scratch memory, which a capture must not do), the second is captured,
+ * and it and later ones replay.  A failed capture turns graphs off for
+ * good, with its reason kept; passes then run eagerly.
  *
- * Only for passes whose scalars stay as captured (BN momentum, label
- * smoothing, loss scale: not fp16 loss scaling) and whose backward hook
- * queues no device work (gradient bookkeeping on one rank, no K-FAC): with
- * a graph the hook runs for every node after the launch. */
+ * With a graph the backward hook runs for every node after the launch,
+ * not between the nodes' backward operations.  So graphs are only for
+ * passes whose hook reads no activation or activation gradient (those of
+ * the arena die during backward): gradient bookkeeping and micro-batch
+ * sums, and K-FAC only in steps that estimate no factors.  On several
+ * ranks the hook would also start no all-reduce before the pass ends, so
+ * the step (kfac_step.h) uses graphs on one rank only.  */
 #ifndef KFAC_PASS_GRAPH_H
 #define KFAC_PASS_GRAPH_H
 

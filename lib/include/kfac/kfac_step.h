@@ -33,7 +33,8 @@ typedef struct kfac_step {
     kfac_loss_scale *loss_scale; /* fp16 training; NULL: none.  Not with kfac: its
                                     factors would hold the scaled gradients */
     kfac_pass_graphs *graphs;    /* each micro-batch's pass from a graph; NULL: eager.
-                                    Not with kfac or loss_scale, one rank only */
+                                    One rank only; steps in which K-FAC estimates
+                                    factors run eagerly (kfac_pass_graph.h) */
     int rank, ranks;      /* of the communicator sync and kfac use */
     int micro_batches;    /* per rank */
     float label_smoothing;
