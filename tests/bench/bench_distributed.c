@@ -11,33 +11,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "kfac/kfac_resnet.h"
 #include "kfac/kfac_rng.h"
-#include "kfac/kfac_step.h"
 #include "kfac/kfac_topo.h"
 
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-/* The same synthetic batch at every step (already in the model's input). */
-typedef struct fixed_batch {
-    int n;
-    const int32_t *labels;
-} fixed_batch;
-
-static kfac_status load_fixed(void *user, int micro, int *n, const int32_t **labels)
-{
-    const fixed_batch *fb = user;
-    *n = fb->n;
-    *labels = fb->labels;
-    return KFAC_OK;
-}
+#include "bench_common.h"
 
 #define CHECK(x)                                                                   \
     do {                                                                           \
@@ -97,17 +76,17 @@ int main(int argc, char **argv)
     for (int i = 0; i < batch; i++) labels[i] = (int32_t)(kfac_rng_next_u64(&rng) % (uint64_t)kfac_model_classes(b.model));
     CHECK(be->upload(be, kfac_model_input(b.model), x, pixels * sizeof(float)));
 
-    fixed_batch fb = {batch, labels};
+    bench_fixed_batch fb = {batch, labels};
     double loss = 0;
     long correct = 0, seen = 0;
-#define STEP(s) kfac_step_run(&b, (s), 0.0, 0.01f, load_fixed, &fb, &loss, &correct, &seen)
+#define STEP(s) kfac_step_run(&b, (s), 0.0, 0.01f, bench_load_fixed, &fb, &loss, &correct, &seen)
     CHECK(STEP(0)); /* warm-up */
     kfac_comm_reset_bytes(world);
     kfac_comm_barrier(world);
-    double t0 = now();
+    double t0 = bench_now();
     for (int s = 1; s <= steps; s++) CHECK(STEP(s));
     kfac_comm_barrier(world);
-    double ms = (now() - t0) * 1e3 / steps;
+    double ms = (bench_now() - t0) * 1e3 / steps;
     kfac_comm_bytes bytes;
     kfac_comm_get_bytes(world, &bytes);
     double per_stage[KFAC_STAGE_COUNT + 1];

@@ -20,17 +20,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <turbojpeg.h>
 
-enum { JPEG_W = 341, JPEG_H = 256, RAW_SIDE = 256, CROP = 224, BATCH = 64, CLASSES = 10 };
+#include "bench_common.h"
 
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+enum { JPEG_W = 341, JPEG_H = 256, RAW_SIDE = 256, CROP = 224, BATCH = 64, CLASSES = 10 };
 
 static void die(const char *what)
 {
@@ -142,13 +136,13 @@ static double measure(const char *dir, int threads, double seconds)
     int n, epoch = 0;
     long count = 0;
     kfac_batcher_next(b, images, labels, &n); /* warm the page cache and the decoders */
-    double t0 = now();
-    while (now() - t0 < seconds) {
+    double t0 = bench_now();
+    while (bench_now() - t0 < seconds) {
         if (kfac_batcher_next(b, images, labels, &n) != KFAC_OK) die("next");
         if (n == 0) kfac_batcher_start_epoch(b, ++epoch);
         count += n;
     }
-    double rate = count / (now() - t0);
+    double rate = count / (bench_now() - t0);
     free(images);
     kfac_batcher_free(b);
     kfac_dataset_free(ds);

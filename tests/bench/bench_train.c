@@ -36,20 +36,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
-#include <time.h>
 
 #include <cblas.h>
 
 #include "kfac/kfac_resnet.h"
 #include "kfac/kfac_rng.h"
-#include "kfac/kfac_step.h"
 
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
+#include "bench_common.h"
 
 static double peak_rss_mib(void)
 {
@@ -71,21 +64,6 @@ static int usage(const char *why)
                     "[--optimizer sgd|kfac] [--threads T] [--seconds S] [--device cpu|cuda] "
                     "[--precision f32|tf32|bf16|f16] [--kfac-warmup STEPS]\n");
     return 2;
-}
-
-/* The batch of every step: the model's input, uploaded once. */
-typedef struct fixed_batch {
-    int n;
-    const int32_t *labels;
-} fixed_batch;
-
-static kfac_status load_fixed_batch(void *user, int micro, int *n, const int32_t **labels)
-{
-    const fixed_batch *fb = user;
-    (void)micro;
-    *n = fb->n;
-    *labels = fb->labels;
-    return KFAC_OK;
 }
 
 /* Waits for the work queued on a device backend: download synchronizes. */
@@ -136,9 +114,9 @@ static double sgemm_peak(int threads)
     openblas_set_num_threads(threads);
     double best = 0;
     for (int rep = 0; rep < 6; rep++) {
-        double t0 = now();
+        double t0 = bench_now();
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1, a, n, b, n, 0, c, n);
-        double gf = 2.0 * n * n * n / (now() - t0) / 1e9;
+        double gf = 2.0 * n * n * n / (bench_now() - t0) / 1e9;
         if (gf > best) best = gf;
     }
     free(a);
@@ -240,14 +218,14 @@ int main(int argc, char **argv)
     kfac_precond_stats before = {0}, after = {0};
     for (int it = 0;; it++) {
         if (it == warm) {
-            t0 = now();
+            t0 = bench_now();
             if (kfac) kfac_precond_get_stats(kfac, &before);
         }
         if (train) {
-            fixed_batch fb = {batch, labels};
+            bench_fixed_batch fb = {batch, labels};
             double loss = 0;
             long correct = 0, seen = 0;
-            if (kfac_step_run(&step, it, 0.0, 0.01f, load_fixed_batch, &fb, &loss, &correct,
+            if (kfac_step_run(&step, it, 0.0, 0.01f, bench_load_fixed, &fb, &loss, &correct,
                               &seen))
                 return die("step");
         } else if (kfac_model_forward(m, batch, KFAC_MODE_EVAL)) {
@@ -255,13 +233,13 @@ int main(int argc, char **argv)
         }
         if (gpu && finish(be, m)) return die("synchronize");
         if (it >= warm) images += batch;
-        if (it >= warm + 2 && (it + 1 - warm) % period == 0 && now() - t0 > seconds) break;
+        if (it >= warm + 2 && (it + 1 - warm) % period == 0 && bench_now() - t0 > seconds) break;
     }
     if (kfac) kfac_precond_get_stats(kfac, &after);
-    double ips = images / (now() - t0);
+    double ips = images / (bench_now() - t0);
     double macs = kfac_model_macs_per_image(m);
     double gflops = ips * macs * 2 * (train ? 3 : 1) / 1e9;
-    double elapsed = now() - t0;
+    double elapsed = bench_now() - t0;
     if (gpu)
         print_cuda(be, graphs, mode, kfac != NULL, model_name, batch, precision, ips, gflops);
     else
