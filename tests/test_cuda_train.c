@@ -32,7 +32,9 @@
  *     tolerances leave ~6x.  KL clipping at 1e-3 keeps the 12 steps in the
  *     well-conditioned regime: at 1e-2 the thread floor was 1.7e-2 and the
  *     test loss moved 18%.  K-FAC cuda bf16: as SGD's bf16.  Not yet
- *     measured on a GPU: the first run prints the figures.
+ *     measured on a GPU: the first run prints the figures.  K-FAC cuda f16
+ *     (dynamic loss scaling; K-FAC divides the scale out of its factors,
+ *     test_precond checks that in float32): as bf16's.
  * Last, SGD with train.micro_batches 2 (16 images a pass, the gradient
  * sums between passes on the device), cuda f32 and bf16 against a cpu run
  * with 2 micro-batches, with SGD's tolerances.
@@ -71,8 +73,8 @@ typedef struct config {
                  "optimizer.kfac.factor_interval=3 optimizer.kfac.inverse_interval=3 " \
                  "optimizer.kfac.damping=0.03 optimizer.kfac.kl_clip=0.001 schedule.lr=0.02"
 #define GROWTH "train.loss_scale_growth=3"
-enum { BF16_GRAPHS = 2, F16_GROWTH = 6, KFAC_CPU = 8, KFAC_BF16_GRAPHS = 11, KFAC_CHOL_CPU = 13,
-       MICRO_CPU = 15, MICRO_BF16_GRAPHS = 17 };
+enum { BF16_GRAPHS = 2, F16_GROWTH = 6, KFAC_CPU = 8, KFAC_BF16_GRAPHS = 11, KFAC_CHOL_CPU = 14,
+       MICRO_CPU = 16, MICRO_BF16_GRAPHS = 18 };
 static const config configs[] = {
     {"cpu", "f32", 1, 0, 0, 0, 0, "", 0},
     {"cuda", "f32", 1, 1e-3, 1e-3, 0.01, 0, "", 0},
@@ -87,6 +89,7 @@ static const config configs[] = {
     {"cuda", "f32", 1, 1e-2, 5e-3, 0.02, KFAC_CPU, KFAC_OPT, 0},
     {"cuda", "bf16", 1, 8e-2, 3e-2, 0.05, KFAC_CPU, KFAC_OPT, 0},
     {"cuda", "bf16", 0, 8e-2, 3e-2, 0.05, KFAC_CPU, KFAC_OPT, KFAC_BF16_GRAPHS},
+    {"cuda", "f16", 1, 8e-2, 3e-2, 0.05, KFAC_CPU, KFAC_OPT, 0},
     {"cpu", "f32", 1, 0, 0, 0, KFAC_CHOL_CPU, KFAC_OPT " optimizer.kfac.inverse=cholesky", 0},
     {"cuda", "f32", 1, 1e-2, 5e-3, 0.02, KFAC_CHOL_CPU,
      KFAC_OPT " optimizer.kfac.inverse=cholesky", 0},
@@ -179,6 +182,14 @@ int main(void)
     }
     write_split(dir, "train", TRAIN, 11);
     write_split(dir, "t10k", TEST, 12);
+    for (int k = 0; k < CONFIGS; k++) { /* the table's indices name the right runs */
+        const config *c = &configs[k], *r = &configs[c->ref], *g = &configs[c->eager_of];
+        CHECK(r->ref == c->ref && !strcmp(r->device, "cpu") && r->params == 0,
+              "config %d: its reference %d is not a cpu reference run", k, c->ref);
+        CHECK(!c->eager_of || (g->graphs && !c->graphs && !strcmp(g->precision, c->precision) &&
+                               !strcmp(g->overrides, c->overrides)),
+              "config %d: run %d is not its twin with graphs", k, c->eager_of);
+    }
     kfac_epoch_metrics em[CONFIGS];
     for (run_index = 0; run_index < CONFIGS; run_index++)
         CHECK_OK(train_on(dir, &configs[run_index], &em[run_index]));

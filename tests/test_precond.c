@@ -8,11 +8,20 @@
  *    inverse paths;
  *  - the sampled Fisher (an extra backward at sampled labels) refreshes
  *    every layer at every warm-up step, and needs a model that keeps its
- *    activations through backward. */
+ *    activations through backward;
+ *  - dynamic loss scaling (fp16's, here in float32, where scaling by a
+ *    power of 2 is exact): K-FAC training through the step (kfac_step_run)
+ *    with a loss scale of 2^10 gives the parameters of training without
+ *    one bit for bit, for the empirical and the sampled Fisher, so the
+ *    captured factors hold the unscaled loss's statistics; and a step whose
+ *    gradients are not finite (a NaN in its input) is skipped without a
+ *    trace, in a step that refreshes factors and in one that does not. */
+#include <math.h>
 #include <string.h>
 
 #include "kfac/kfac_precond.h"
 #include "kfac/kfac_resnet.h"
+#include "kfac/kfac_step.h"
 #include "testutil.h"
 
 #define N 8
@@ -228,6 +237,117 @@ static void check_exclude(void)
     kfac_model_free(m);
 }
 
+/* ---- loss scaling ---- */
+
+/* The micro-batch loader: the fixed batch, except that call `poison`
+ * (0-based; -1: none) puts a NaN in the input (a step whose gradients are
+ * not finite), which the next call takes out again. */
+typedef struct batch_source {
+    kfac_model *m;
+    long calls, poison;
+    float saved;
+} batch_source;
+
+static kfac_status load_batch(void *user, int micro, int *n, const int32_t **out)
+{
+    batch_source *src = user;
+    float *x = kfac_model_input(src->m);
+    (void)micro;
+    if (src->calls == src->poison) {
+        src->saved = x[0];
+        x[0] = NAN;
+    } else if (src->poison >= 0 && src->calls == src->poison + 1) {
+        x[0] = src->saved;
+    }
+    src->calls++;
+    *n = N;
+    *out = labels;
+    return KFAC_OK;
+}
+
+/* Trains a fresh tiny model for `steps` steps with K-FAC through
+ * kfac_step_run, with dynamic loss scaling from `scale` (0: none); step
+ * `poison`'s input holds a NaN, and step `leave_out` is not run (-1:
+ * neither).  The parameters to params (count floats), the loss scaler's
+ * end state to *ls. */
+static void train_scaled(kfac_fisher fisher, float scale, int steps, long poison, long leave_out,
+                         float *params, size_t count, kfac_loss_scale *ls)
+{
+    kfac_model *m = tiny_model(fisher == KFAC_FISHER_SAMPLED);
+    kfac_precond_config cfg;
+    kfac_precond_config_defaults(&cfg);
+    cfg.fisher = fisher;
+    cfg.warmup_steps = 2;
+    cfg.factor_interval = 2;
+    cfg.inverse_interval = 2;
+    cfg.kl_clip = 1e-2f;
+    kfac_precond *p = NULL;
+    kfac_sgd *sgd = NULL;
+    kfac_comm *self = NULL;
+    kfac_gradsync *sync = NULL;
+    kfac_sgd_config sc = {.momentum = 0.9f, .weight_decay = 5e-4f};
+    kfac_gradsync_config gc = {.overlap = 1, .max_micro_batches = 1};
+    CHECK_OK(kfac_precond_init(&p, m, &cfg));
+    CHECK_OK(kfac_sgd_init(&sgd, m, &sc));
+    CHECK_OK(kfac_comm_self(&self));
+    CHECK_OK(kfac_step_gradsync(m, p, self, &gc, &sync));
+    kfac_loss_scale_init(ls, scale, 1000);
+    kfac_step st = {.model = m, .sgd = sgd, .kfac = p, .sync = sync,
+                    .loss_scale = scale > 0 ? ls : NULL, .ranks = 1, .micro_batches = 1};
+    batch_source src = {.m = m, .poison = poison};
+    for (long s = 0; s < steps; s++) {
+        double loss = 0;
+        long correct = 0, seen = 0;
+        if (s != leave_out)
+            CHECK_OK(kfac_step_run(&st, s, 0.0, 0.05f, load_batch, &src, &loss, &correct, &seen));
+    }
+    CHECK(kfac_model_param_count(m) == count, "parameter count");
+    memcpy(params, kfac_model_params(m), count * sizeof(float));
+    kfac_gradsync_free(sync);
+    kfac_comm_free(self);
+    kfac_sgd_free(sgd);
+    kfac_precond_free(p);
+    kfac_model_free(m);
+}
+
+static int count_differ(const float *a, const float *b, size_t n)
+{
+    int d = 0;
+    for (size_t i = 0; i < n; i++) d += memcmp(&a[i], &b[i], sizeof(float)) != 0;
+    return d;
+}
+
+static void check_loss_scale(kfac_fisher fisher)
+{
+    enum { STEPS = 8, POISON = 3 }; /* step 3: no refresh due (warm-up 2, interval 2) */
+    const char *name = fisher == KFAC_FISHER_SAMPLED ? "sampled" : "empirical";
+    kfac_model *probe = tiny_model(0);
+    size_t count = kfac_model_param_count(probe);
+    kfac_model_free(probe);
+    float *plain = malloc(count * sizeof(float)), *scaled = malloc(count * sizeof(float));
+    kfac_loss_scale ls;
+    train_scaled(fisher, 0, STEPS, -1, -1, plain, count, &ls);
+    train_scaled(fisher, 1024.0f, STEPS, -1, -1, scaled, count, &ls);
+    CHECK(ls.skipped_steps == 0, "%s: %ld steps skipped at scale 1024", name, ls.skipped_steps);
+    int d = count_differ(plain, scaled, count);
+    CHECK(d == 0, "%s Fisher: loss scale 1024 changed %d of %zu parameters", name, d, count);
+    /* A step whose gradients are not finite is skipped and halves the
+     * scale; it must leave no trace, whether K-FAC refreshes in it or not:
+     * the run equals one without loss scaling that never ran that step. */
+    for (long poison = POISON - 1; poison <= POISON; poison++) {
+        train_scaled(fisher, 1024.0f, STEPS, poison, -1, scaled, count, &ls);
+        CHECK(ls.skipped_steps == 1 && ls.scale == 512.0f,
+              "%s: NaN input at step %ld: %ld steps skipped, scale %g (want 1, 512)", name, poison,
+              ls.skipped_steps, ls.scale);
+        train_scaled(fisher, 0, STEPS, -1, poison, plain, count, &ls);
+        d = count_differ(plain, scaled, count);
+        CHECK(d == 0, "%s: the skipped step %ld left a trace in %d of %zu parameters", name,
+              poison, d, count);
+    }
+    free(plain);
+    free(scaled);
+}
+
 int main(void)
 {
     CHECK_OK(kfac_backend_get("cpu", 2, &be));
@@ -237,6 +357,8 @@ int main(void)
     check_fc_preconditioning(KFAC_INVERSE_CHOLESKY);
     check_sampled();
     check_exclude();
+    check_loss_scale(KFAC_FISHER_EMPIRICAL);
+    check_loss_scale(KFAC_FISHER_SAMPLED);
     kfac_backend_free(be);
     return test_summary("test_precond");
 }

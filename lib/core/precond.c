@@ -412,6 +412,16 @@ static kfac_status micro_add(const kfac_precond *p, float *batch, size_t len)
     return p->be->axpby(p->be, len, 1.0f, p->micro_tmp, 1.0f, batch);
 }
 
+/* The backward's gradients are the loss scale S times the loss's (fp16
+ * loss scaling, kfac_model_set_loss_scale); capture divides S out, so the
+ * factors are those of the unscaled loss (exactly, for S a power of 2). */
+static float unscaled(const kfac_precond *p, float factor, int power_of_s)
+{
+    double s = kfac_model_loss_scale(p->model);
+    if (power_of_s == 2) s *= s;
+    return s == 1.0 ? factor : (float)(factor / s);
+}
+
 static kfac_status capture_kron(kfac_precond *p, layer *L, const kfac_layer_view *v, int n, int ns)
 {
     kfac_backend *be = p->be;
@@ -422,7 +432,8 @@ static kfac_status capture_kron(kfac_precond *p, layer *L, const kfac_layer_view
     KFAC_TRY(be->gram_patches(be, &d, v->x, L->bias >= 0, 1.0f / (float)rows,
                               micro_target(p, L->a_batch), p->gram_ws));
     KFAC_TRY(micro_add(p, L->a_batch, kfac_packed_len(L->d)));
-    KFAC_TRY(be->gram_rows(be, rows, L->k, v->dy, 0, (float)n * (float)n / (float)ns,
+    KFAC_TRY(be->gram_rows(be, rows, L->k, v->dy, 0,
+                           unscaled(p, (float)n * (float)n / (float)ns, 2),
                            micro_target(p, L->g_batch), p->gram_ws));
     return micro_add(p, L->g_batch, kfac_packed_len(L->k));
 }
@@ -432,8 +443,8 @@ static kfac_status capture_kron(kfac_precond *p, layer *L, const kfac_layer_view
 static kfac_status capture_bn(kfac_precond *p, layer *L, const kfac_layer_view *v, int n, int ns)
 {
     KFAC_TRY(p->be->bn_fisher(p->be, ns, v->rows / (size_t)n, L->channels, v->x, v->y, v->dy,
-                              v->save_mean, v->save_invstd, v->relu, (float)n, p->sg, p->sb,
-                              micro_target(p, L->fisher_batch)));
+                              v->save_mean, v->save_invstd, v->relu, unscaled(p, (float)n, 1),
+                              p->sg, p->sb, micro_target(p, L->fisher_batch)));
     return micro_add(p, L->fisher_batch, L->factor_len);
 }
 

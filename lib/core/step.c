@@ -62,8 +62,6 @@ kfac_status kfac_step_run(const kfac_step *s, long step, double epoch, float lr,
                           kfac_micro_loader load, void *user, double *loss_sum, long *correct,
                           long *seen)
 {
-    if (s->loss_scale && s->kfac)
-        return KFAC_ERR(KFAC_ENOTSUP, "step: loss scaling (f16) with K-FAC is not supported");
     if (s->graphs && s->ranks > 1)
         return KFAC_ERR(KFAC_ENOTSUP, "step: graphs are for one rank (a replayed pass starts "
                         "no all-reduce before it ends)");

@@ -540,9 +540,6 @@ static kfac_status check_device(const trainer *t)
         return KFAC_ERR(KFAC_ENOTSUP, "train.device cuda: one rank only so far (%d ranks)",
                         t->size);
     if (strcmp(job->optimizer.name, "kfac") != 0) return KFAC_OK;
-    if (strcmp(job->train.precision, "f16") == 0)
-        return KFAC_ERR(KFAC_ENOTSUP, "train.device cuda: optimizer kfac with train.precision f16 "
-                        "(dynamic loss scaling) is not supported; use bf16, tf32 or f32");
     if (strcmp(job->optimizer.kfac.fisher, "sampled") == 0 &&
         strcmp(job->train.precision, "f32") != 0 && strcmp(job->train.precision, "tf32") != 0)
         return KFAC_ERR(KFAC_ENOTSUP, "train.device cuda: optimizer.kfac.fisher sampled needs "

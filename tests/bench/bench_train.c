@@ -147,8 +147,6 @@ int main(int argc, char **argv)
     if (!gpu && strcmp(device, "cpu")) return usage("--device: cpu or cuda");
     if (gpu && !strcmp(mode, "sgemm"))
         return usage("--mode sgemm measures the CPU's BLAS; it takes no --device cuda");
-    if (gpu && !strcmp(optimizer, "kfac") && !strcmp(precision, "f16"))
-        return usage("--optimizer kfac takes no --precision f16 (no loss scaling with K-FAC)");
     if (!strcmp(mode, "sgemm")) {
         printf("{\"name\": \"sgemm_peak_%dthreads\", \"value\": %.1f, \"unit\": \"GFLOP/s\"}\n",
                threads, sgemm_peak(threads));

@@ -30,8 +30,9 @@ typedef struct kfac_step {
     kfac_sgd *sgd;
     kfac_precond *kfac;   /* NULL: plain SGD */
     kfac_gradsync *sync;
-    kfac_loss_scale *loss_scale; /* fp16 training; NULL: none.  Not with kfac: its
-                                    factors would hold the scaled gradients */
+    kfac_loss_scale *loss_scale; /* fp16 training; NULL: none.  K-FAC captures its
+                                    factors with the scale divided out, and a
+                                    skipped step refreshes nothing */
     kfac_pass_graphs *graphs;    /* each micro-batch's pass from a graph; NULL: eager.
                                     One rank only; steps in which K-FAC estimates
                                     factors run eagerly (kfac_pass_graph.h) */
