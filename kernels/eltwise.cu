@@ -166,6 +166,12 @@ static bool vec_ok(size_t n, int w, const P *...p)
     return n % (size_t)w == 0 && kfac_k_aligned16(p...);
 }
 
+extern "C" cudaError_t kfac_k_probe(void)
+{
+    cudaFuncAttributes attr;
+    return cudaFuncGetAttributes(&attr, fill_kernel);
+}
+
 extern "C" cudaError_t kfac_k_fill(size_t n, float *x, float value, cudaStream_t stream)
 {
     if (n == 0) return cudaSuccess;

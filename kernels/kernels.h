@@ -28,6 +28,9 @@ extern "C" {
 #endif
 
 /* ---- eltwise.cu ---- */
+/* cudaSuccess when this build's kernels have an image the current device
+ * runs (CMAKE_CUDA_ARCHITECTURES covers it), else the runtime's error. */
+cudaError_t kfac_k_probe(void);
 cudaError_t kfac_k_fill(size_t n, float *x, float value, cudaStream_t stream);
 cudaError_t kfac_k_relu_forward(kfac_dtype t, size_t n, const void *x, void *y,
                                 cudaStream_t stream);

@@ -534,6 +534,14 @@ static kfac_status cuda_setup(kfac_cuda *cu, int device)
     struct cudaDeviceProp prop;
     KFAC_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     snprintf(cu->device_name, sizeof cu->device_name, "%s", prop.name);
+    e = kfac_k_probe();
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return KFAC_ERR(KFAC_EBACKEND, "cuda: %s is sm_%d%d, but this build's kernels are for "
+                        "CMAKE_CUDA_ARCHITECTURES \"%s\" (%s): rebuild with "
+                        "-DCMAKE_CUDA_ARCHITECTURES=%d%d", prop.name, prop.major, prop.minor,
+                        KFAC_CUDA_ARCHITECTURES, cudaGetErrorString(e), prop.major, prop.minor);
+    }
     KFAC_CUDA_CHECK(cudaStreamCreateWithFlags(&cu->stream, cudaStreamNonBlocking));
     KFAC_CUDA_CHECK(cudaStreamCreateWithFlags(&cu->copy_stream, cudaStreamNonBlocking));
     KFAC_CUDA_CHECK(cudaEventCreateWithFlags(&cu->queued_mark, cudaEventDisableTiming));
