@@ -10,7 +10,7 @@
 typedef struct entry {
     const float *input; /* the key: what a captured pass holds fixed */
     int n;
-    float loss_scale;
+    float loss_scale, smoothing;
     int seen;       /* passes run with this key */
     long last_used; /* for eviction: the entry least recently used goes */
     void *graph;    /* NULL until captured */
@@ -55,23 +55,29 @@ long kfac_pass_graphs_replays(const kfac_pass_graphs *g) { return g->replays; }
 
 /* The entry of the key; a new one replaces the least recently used when
  * the table is full (fp16's loss scale moves on: old scales' graphs go). */
-static entry *lookup(kfac_pass_graphs *g, const float *input, int n, float loss_scale)
+static int same_key(const entry *e, const float *input, int n, float loss_scale,
+                    float smoothing)
+{
+    return e->input == input && e->n == n && e->loss_scale == loss_scale &&
+           e->smoothing == smoothing;
+}
+
+static entry *lookup(kfac_pass_graphs *g, const float *input, int n, float loss_scale,
+                     float smoothing)
 {
     entry *e = NULL;
     for (int i = 0; i < g->count && !e; i++)
-        if (g->entries[i].input == input && g->entries[i].n == n &&
-            g->entries[i].loss_scale == loss_scale)
-            e = &g->entries[i];
+        if (same_key(&g->entries[i], input, n, loss_scale, smoothing)) e = &g->entries[i];
     if (!e && g->count < MAX_GRAPHS) e = &g->entries[g->count++];
     if (!e) {
         e = &g->entries[0];
         for (int i = 1; i < MAX_GRAPHS; i++)
             if (g->entries[i].last_used < e->last_used) e = &g->entries[i];
     }
-    if (e->input != input || e->n != n || e->loss_scale != loss_scale) {
+    if (!same_key(e, input, n, loss_scale, smoothing)) {
         /* an evicted graph still running is freed when it completes */
         if (e->graph) g->be->graph_free(g->be, e->graph);
-        *e = (entry){.input = input, .n = n, .loss_scale = loss_scale};
+        *e = (entry){.input = input, .n = n, .loss_scale = loss_scale, .smoothing = smoothing};
     }
     e->last_used = ++g->passes;
     return e;
@@ -122,7 +128,7 @@ kfac_status kfac_pass_graphs_run(kfac_pass_graphs *g, int n, const int32_t *labe
                                   double *loss_sum, int *correct)
 {
     kfac_model *m = g->model;
-    entry *e = g->off ? NULL : lookup(g, kfac_model_input(m), n, kfac_model_loss_scale(m));
+    entry *e = g->off ? NULL : lookup(g, kfac_model_input(m), n, kfac_model_loss_scale(m), smoothing);
     if (!e || e->seen++ == 0) /* no graph, or the warm-up pass */
         return eager(g, n, labels, smoothing, hook, user, loss_sum, correct);
     KFAC_TRY(kfac_model_set_labels(m, n, labels));

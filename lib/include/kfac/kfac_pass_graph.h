@@ -3,13 +3,15 @@
  * hundred operations of a ResNet-50 pass cost one launch.
  *
  * A graph keeps the pointers and scalars it was captured with, so there is
- * one per (input buffer, batch size, loss scale): the trainer's feed
- * alternates two input buffers, and fp16's dynamic loss scale changes now
- * and then (a new scale's graphs replace the least recently used).  The
- * first pass of each runs eagerly (it plans cuDNN convolutions and sizes
- * scratch memory, which a capture must not do), the second is captured,
- * and it and later ones replay.  A failed capture turns graphs off for
- * good, with its reason kept; passes then run eagerly.
+ * one per key (input buffer, batch size, loss scale, label smoothing): the
+ * trainer's feed alternates two input buffers, and fp16's dynamic loss
+ * scale changes now and then (a new key's graphs replace the least
+ * recently used).  BN momentum must stay as captured (precise BN changes it
+ * only for its own eager passes and restores it).  The first pass of each
+ * key runs eagerly (it plans cuDNN convolutions and sizes scratch memory,
+ * which a capture must not do), the second is captured, and it and later
+ * ones replay.  A failed capture turns graphs off for good, with its reason
+ * kept; passes then run eagerly.
  *
  * With a graph the backward hook runs for every node after the launch,
  * not between the nodes' backward operations.  So graphs are only for
