@@ -9,6 +9,7 @@
 #include <malloc.h>
 #include <string.h>
 
+#include "kfac/kfac_optim.h"
 #include "kfac/kfac_pass_graph.h"
 #include "kfac/kfac_resnet.h"
 #include "testutil.h"
@@ -427,6 +428,20 @@ static void check_inference_only(void)
           mt.arena);
     CHECK(kfac_model_backward(infer, batch) == KFAC_EINVAL, "backward refused: %s",
           kfac_last_error());
+    /* no parameter gradients either, and no optimizer; the same parameters
+     * and (after the same forwards) BN statistics as the training model */
+    CHECK(kfac_model_grads(infer) == NULL, "inference-only model has parameter gradients");
+    kfac_sgd *sgd = NULL;
+    kfac_sgd_config sc = {.momentum = 0.9f};
+    CHECK(kfac_sgd_init(&sgd, infer, &sc) == KFAC_EINVAL && !sgd, "sgd on an inference model");
+    size_t count = kfac_model_param_count(train);
+    CHECK(kfac_model_param_count(infer) == count &&
+              !memcmp(kfac_model_params(infer), kfac_model_params(train), count * sizeof(float)),
+          "inference-only parameters differ");
+    size_t stats = kfac_model_buffer_count(train);
+    CHECK(kfac_model_buffer_count(infer) == stats &&
+              !memcmp(kfac_model_buffers(infer), kfac_model_buffers(train), stats * sizeof(float)),
+          "inference-only BN statistics differ");
     CHECK(kfac_model_set_inference_only(train) == KFAC_EINVAL, "set after finalize refused");
     kfac_model_free(train);
     kfac_model_free(infer);

@@ -59,6 +59,9 @@ kfac_status kfac_gradsync_init(kfac_gradsync **out, kfac_model *m, kfac_comm *co
     *out = NULL;
     if (cfg->max_micro_batches < 1)
         return KFAC_ERR(KFAC_EINVAL, "gradsync: max_micro_batches %d < 1", cfg->max_micro_batches);
+    if (!kfac_model_grads(m))
+        return KFAC_ERR(KFAC_EINVAL, "gradsync: the model was built for inference only (no "
+                        "gradients)");
     kfac_gradsync *gs = calloc(1, sizeof *gs);
     if (!gs) return KFAC_ERR(KFAC_ENOMEM, "gradsync: out of memory");
     gs->model = m;

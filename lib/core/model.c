@@ -573,7 +573,9 @@ kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed)
             if (ws > m->workspace_bytes) m->workspace_bytes = ws;
         }
     }
-    size_t flat = 2 * m->param_count + m->buffer_count;
+    /* [parameters | their gradients (none for inference) | BN statistics] */
+    const size_t grads = m->inference_only ? 0 : m->param_count;
+    size_t flat = m->param_count + grads + m->buffer_count;
     void *flat_mem = NULL;
     KFAC_TRY(be->alloc(be, m->mem.arena, &m->arena));
     KFAC_TRY(be->alloc(be, m->workspace_bytes ? m->workspace_bytes : 64, &m->workspace));
@@ -582,13 +584,13 @@ kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed)
     KFAC_TRY(plan_arena(m, m->arena));
     m->own_input = kfac_model_input(m);
     m->params_data = flat_mem;
-    m->grads_data = m->params_data + m->param_count;
-    m->buffers_data = m->grads_data + m->param_count;
+    m->grads_data = grads ? m->params_data + m->param_count : NULL;
+    m->buffers_data = m->params_data + m->param_count + grads;
     /* Parameters, zero gradients and statistics are made on the host in
      * the flat layout, then uploaded in one copy. */
     float *host = calloc(flat ? flat : 1, sizeof(float));
     if (!host) return KFAC_ERR(KFAC_ENOMEM, "model: cannot allocate %zu parameters", flat);
-    init_params(m, seed, host, host + 2 * m->param_count);
+    init_params(m, seed, host, host + m->param_count + grads);
     m->sampled_labels = malloc((size_t)m->max_batch * sizeof(int32_t));
     m->host_logits = malloc((size_t)m->max_batch * m->values[m->num_values - 1].c * sizeof(float));
     if (!m->sampled_labels || !m->host_logits) {

@@ -251,6 +251,8 @@ kfac_status kfac_precond_init(kfac_precond **out, kfac_model *m, const kfac_prec
         cfg->factor_dtype != KFAC_BF16)
         return KFAC_ERR(KFAC_EINVAL, "kfac: factor traffic must be f32, f16 or bf16");
     kfac_backend *be = kfac_model_backend(m);
+    if (!kfac_model_grads(m))
+        return KFAC_ERR(KFAC_EINVAL, "kfac: the model was built for inference only (no gradients)");
     if (kfac_precond_needs_kept_activations(cfg) && !kfac_model_keeps_activations(m))
         return KFAC_ERR(KFAC_EINVAL, "kfac: a sampled Fisher runs a second backward over each "
                         "forward, so the model must keep its activations through backward "

@@ -17,6 +17,8 @@ kfac_status kfac_sgd_init(kfac_sgd **out, kfac_model *m, const kfac_sgd_config *
         return KFAC_ERR(KFAC_EINVAL, "sgd: momentum %g outside [0, 1)", cfg->momentum);
     if (cfg->weight_decay < 0)
         return KFAC_ERR(KFAC_EINVAL, "sgd: negative weight decay %g", cfg->weight_decay);
+    if (!kfac_model_grads(m))
+        return KFAC_ERR(KFAC_EINVAL, "sgd: the model was built for inference only (no gradients)");
     kfac_sgd *s = calloc(1, sizeof *s);
     if (!s) return KFAC_ERR(KFAC_ENOMEM, "sgd: out of memory");
     kfac_backend *be = kfac_model_backend(m);

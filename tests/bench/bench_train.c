@@ -157,7 +157,6 @@ int main(int argc, char **argv)
         return usage("--optimizer kfac times training steps (--mode train)");
     kfac_backend *be;
     kfac_model *m;
-    kfac_sgd *sgd;
     if (strcmp(precision, "f32") && strcmp(precision, "tf32") && strcmp(precision, "bf16") &&
         strcmp(precision, "f16"))
         return usage("--precision: f32, tf32, bf16 or f16");
@@ -170,8 +169,9 @@ int main(int argc, char **argv)
      * autograd keeps no activation for a backward */
     kfac_resnet_options opt = {.inference_only = !train};
     if (kfac_resnet_build(model_name, &opt, be, batch, 1, &m)) return die("model");
+    kfac_sgd *sgd = NULL; /* training only: an inference-only model has no gradients */
     kfac_sgd_config cfg = {.momentum = 0.9f, .nesterov = 1, .weight_decay = 5e-4f};
-    if (kfac_sgd_init(&sgd, m, &cfg)) return die("sgd");
+    if (train && kfac_sgd_init(&sgd, m, &cfg)) return die("sgd");
     kfac_precond *kfac = NULL;
     kfac_precond_config kcfg;
     kfac_precond_config_defaults(&kcfg);

@@ -78,8 +78,9 @@ kfac_status kfac_model_zero_init_gamma(kfac_model *m, int bn_out);
 
 /* Before finalize: the model will only run forwards (evaluation), so only
  * its input and logits are kept and every other activation shares slots
- * with those of other layers; nothing is allocated for gradients, and
- * kfac_model_backward is refused. */
+ * with those of other layers; nothing is allocated for gradients (of
+ * values or parameters: kfac_model_grads is NULL), kfac_model_backward is
+ * refused, and so are optimizers on it. */
 kfac_status kfac_model_set_inference_only(kfac_model *m);
 
 /* Before finalize: activations a backward reads stay valid until the next
@@ -127,7 +128,7 @@ kfac_status kfac_model_loss_result(kfac_model *m, int n, double *loss_sum, int *
 kfac_status kfac_model_backward(kfac_model *m, int n);
 
 /* Parameters: one flat array of kfac_model_param_count floats, its
- * gradient, and the per-tensor table. */
+ * gradient (NULL for an inference-only model), and the per-tensor table. */
 float *kfac_model_params(kfac_model *m);
 float *kfac_model_grads(kfac_model *m);
 size_t kfac_model_param_count(const kfac_model *m);
