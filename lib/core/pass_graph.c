@@ -53,8 +53,6 @@ const char *kfac_pass_graphs_off(const kfac_pass_graphs *g) { return g->off ? g-
 
 long kfac_pass_graphs_replays(const kfac_pass_graphs *g) { return g->replays; }
 
-/* The entry of the key; a new one replaces the least recently used when
- * the table is full (fp16's loss scale moves on: old scales' graphs go). */
 static int same_key(const entry *e, const float *input, int n, float loss_scale,
                     float smoothing)
 {
@@ -62,6 +60,8 @@ static int same_key(const entry *e, const float *input, int n, float loss_scale,
            e->smoothing == smoothing;
 }
 
+/* The entry of the key; a new one replaces the least recently used when
+ * the table is full (fp16's loss scale moves on: old scales' graphs go). */
 static entry *lookup(kfac_pass_graphs *g, const float *input, int n, float loss_scale,
                      float smoothing)
 {
@@ -128,7 +128,8 @@ kfac_status kfac_pass_graphs_run(kfac_pass_graphs *g, int n, const int32_t *labe
                                   double *loss_sum, int *correct)
 {
     kfac_model *m = g->model;
-    entry *e = g->off ? NULL : lookup(g, kfac_model_input(m), n, kfac_model_loss_scale(m), smoothing);
+    entry *e = g->off ? NULL
+                      : lookup(g, kfac_model_input(m), n, kfac_model_loss_scale(m), smoothing);
     if (!e || e->seen++ == 0) /* no graph, or the warm-up pass */
         return eager(g, n, labels, smoothing, hook, user, loss_sum, correct);
     KFAC_TRY(kfac_model_set_labels(m, n, labels));
