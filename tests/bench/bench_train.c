@@ -22,14 +22,13 @@
  * --precision bf16|f16 (cuda) stores activations in 16 bits (train.precision;
  * f16 with dynamic loss scaling), reported as _cuda_bf16 / _cuda_f16;
  * under KFAC_CUDNN_DETERMINISTIC=0 the names end in _nondet, under
- * KFAC_CUDNN_SEARCH=1 (cuDNN's timed algorithm search) in _search.  Training on
- * cuda replays forward, loss and backward from CUDA graphs as the trainer
- * does (KFAC_CUDA_GRAPHS=0: off, the names of training figures end in
- * _eager): training runs the trainer's step
- * (kfac_step_run on one rank), where K-FAC's steps that estimate factors
- * launch every operation and the others replay; the line says whether
+ * KFAC_CUDNN_SEARCH=1 (cuDNN's timed algorithm search) in _search.
+ * Training runs the trainer's step (kfac_step_run on one rank).  On cuda it
+ * replays forward, loss and backward from CUDA graphs as the trainer does,
+ * except in K-FAC's steps that estimate factors (KFAC_CUDA_GRAPHS=0: never;
+ * the names of training figures then end in _eager); the line says whether
  * graphs were used ("cuda_graphs": true, or the reason they are off).
- * K-FAC on cuda (f32, tf32, bf16) runs its stages on the device.
+ * K-FAC on cuda (any precision) runs its stages on the device.
  * Every timed step ends with a wait for the device, so the time covers
  * finished GPU work. */
 #include <stdio.h>
