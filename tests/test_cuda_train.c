@@ -34,7 +34,15 @@
  *     test loss moved 18%.  K-FAC cuda bf16: as SGD's bf16.  Not yet
  *     measured on a GPU: the first run prints the figures.  K-FAC cuda f16
  *     (dynamic loss scaling; K-FAC divides the scale out of its factors,
- *     test_precond checks that in float32): as bf16's.
+ *     test_precond checks that in float32): as bf16's.  K-FAC with the
+ *     sampled Fisher (labels drawn on the host from the downloaded logits,
+ *     16-bit ones widened; a second backward over kept activations), cuda
+ *     f32 and bf16 against a cpu sampled run: as the empirical runs'.  A
+ *     GPU's slightly different logits can draw a different label for a
+ *     sample near a boundary of the inverse CDF; the cpu sampled run on 1
+ *     thread (its floor, run here too) moved the parameters by 2.5e-4 of
+ *     max|p| and the test loss by 2e-4 relative, so no label flipped
+ *     there; the first GPU run will show whether the tolerances hold.
  * Last, SGD with train.micro_batches 2 (16 images a pass, the gradient
  * sums between passes on the device), cuda f32 and bf16 against a cpu run
  * with 2 micro-batches, with SGD's tolerances.
@@ -73,8 +81,9 @@ typedef struct config {
                  "optimizer.kfac.factor_interval=3 optimizer.kfac.inverse_interval=3 " \
                  "optimizer.kfac.damping=0.03 optimizer.kfac.kl_clip=0.001 schedule.lr=0.02"
 #define GROWTH "train.loss_scale_growth=3"
+#define SAMPLED KFAC_OPT " optimizer.kfac.fisher=sampled"
 enum { BF16_GRAPHS = 2, F16_GROWTH = 6, KFAC_CPU = 8, KFAC_BF16_GRAPHS = 11, KFAC_CHOL_CPU = 14,
-       MICRO_CPU = 16, MICRO_BF16_GRAPHS = 18 };
+       SAMPLED_CPU = 16, MICRO_CPU = 20, MICRO_BF16_GRAPHS = 22 };
 static const config configs[] = {
     {"cpu", "f32", 1, 0, 0, 0, 0, "", 0},
     {"cuda", "f32", 1, 1e-3, 1e-3, 0.01, 0, "", 0},
@@ -93,6 +102,10 @@ static const config configs[] = {
     {"cpu", "f32", 1, 0, 0, 0, KFAC_CHOL_CPU, KFAC_OPT " optimizer.kfac.inverse=cholesky", 0},
     {"cuda", "f32", 1, 1e-2, 5e-3, 0.02, KFAC_CHOL_CPU,
      KFAC_OPT " optimizer.kfac.inverse=cholesky", 0},
+    {"cpu", "f32", 1, 0, 0, 0, SAMPLED_CPU, SAMPLED, 0},
+    {"cpu", "f32", 1, 1e-2, 5e-3, 0.02, SAMPLED_CPU, SAMPLED " train.threads=1", 0}, /* floor */
+    {"cuda", "f32", 1, 1e-2, 5e-3, 0.02, SAMPLED_CPU, SAMPLED, 0},
+    {"cuda", "bf16", 1, 8e-2, 3e-2, 0.05, SAMPLED_CPU, SAMPLED, 0},
     {"cpu", "f32", 1, 0, 0, 0, MICRO_CPU, "train.micro_batches=2", 0},
     {"cuda", "f32", 1, 1e-3, 1e-3, 0.01, MICRO_CPU, "train.micro_batches=2", 0},
     {"cuda", "bf16", 1, 8e-2, 3e-2, 0.05, MICRO_CPU, "train.micro_batches=2", 0},
@@ -200,6 +213,7 @@ int main(void)
                           : strstr(cfg->overrides, "growth")      ? "sgd, scale x2 every 3 steps"
                           : !cfg->overrides[0]                    ? "sgd"
                           : strstr(cfg->overrides, "cholesky")    ? "kfac cholesky"
+                          : strstr(cfg->overrides, "sampled")     ? "kfac eig, sampled Fisher"
                                                                   : "kfac eig";
         int r = cfg->ref;
         if (k == r) {

@@ -70,6 +70,7 @@ struct kfac_model {
     int32_t *sampled_labels;  /* max_batch labels for kfac_model_loss_sampled */
     int32_t *labels;          /* backend memory: max_batch labels the loss reads */
     float *host_logits;       /* max_batch x classes, its host copy of the logits */
+    uint16_t *host_logits16;  /* the same as stored, with 16-bit activations */
     int finalized;
     int inference_only;       /* forwards only: see kfac_model_set_inference_only */
     int keep_activations;     /* see kfac_model_set_keep_activations */
@@ -592,8 +593,11 @@ kfac_status kfac_model_finalize(kfac_model *m, uint64_t seed)
     if (!host) return KFAC_ERR(KFAC_ENOMEM, "model: cannot allocate %zu parameters", flat);
     init_params(m, seed, host, host + m->param_count + grads);
     m->sampled_labels = malloc((size_t)m->max_batch * sizeof(int32_t));
-    m->host_logits = malloc((size_t)m->max_batch * m->values[m->num_values - 1].c * sizeof(float));
-    if (!m->sampled_labels || !m->host_logits) {
+    const size_t logit_count = (size_t)m->max_batch * m->values[m->num_values - 1].c;
+    m->host_logits = malloc(logit_count * sizeof(float));
+    if (m->act_size == sizeof(uint16_t)) m->host_logits16 = malloc(logit_count * sizeof(uint16_t));
+    if (!m->sampled_labels || !m->host_logits ||
+        (m->act_size == sizeof(uint16_t) && !m->host_logits16)) {
         free(host);
         return KFAC_ERR(KFAC_ENOMEM, "model: out of memory");
     }
@@ -615,6 +619,7 @@ void kfac_model_free(kfac_model *m)
     }
     free(m->sampled_labels);
     free(m->host_logits);
+    free(m->host_logits16);
     free(m->values);
     free(m->nodes);
     free(m->params);
@@ -824,10 +829,18 @@ kfac_status kfac_model_loss_sampled(kfac_model *m, int n, uint64_t seed)
     float *host = m->host_logits;
     if (n < 1 || n > m->max_batch)
         return KFAC_ERR(KFAC_EINVAL, "model: batch %d outside [1, %d]", n, m->max_batch);
-    if (m->act_size != sizeof(float))
-        return KFAC_ERR(KFAC_ENOTSUP, "model: sampled Fisher labels need f32 activations (not %s)",
-                        kfac_dtype_name(m->be->act_dtype));
-    kfac_status st = m->be->download(m->be, host, logits->data, (size_t)n * classes * sizeof *host);
+    const size_t count = (size_t)n * classes;
+    kfac_status st;
+    if (m->act_size == sizeof(float)) {
+        st = m->be->download(m->be, host, logits->data, count * sizeof *host);
+    } else { /* 16-bit logits, widened exactly */
+        st = m->be->download(m->be, m->host_logits16, logits->data, count * sizeof(uint16_t));
+        const int bf16 = m->be->act_dtype == KFAC_BF16;
+        if (st == KFAC_OK)
+            for (size_t i = 0; i < count; i++)
+                host[i] = bf16 ? kfac_bf16_to_f32(m->host_logits16[i])
+                               : kfac_f16_to_f32(m->host_logits16[i]);
+    }
     kfac_rng rng;
     kfac_rng_seed(&rng, seed);
     for (int i = 0; i < n && st == KFAC_OK; i++) {

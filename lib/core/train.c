@@ -539,12 +539,6 @@ static kfac_status check_device(const trainer *t)
     if (t->size > 1)
         return KFAC_ERR(KFAC_ENOTSUP, "train.device cuda: one rank only so far (%d ranks)",
                         t->size);
-    if (strcmp(job->optimizer.name, "kfac") != 0) return KFAC_OK;
-    if (strcmp(job->optimizer.kfac.fisher, "sampled") == 0 &&
-        strcmp(job->train.precision, "f32") != 0 && strcmp(job->train.precision, "tf32") != 0)
-        return KFAC_ERR(KFAC_ENOTSUP, "train.device cuda: optimizer.kfac.fisher sampled needs "
-                        "float32 activations (train.precision f32 or tf32, not %s)",
-                        job->train.precision);
     return KFAC_OK;
 }
 
