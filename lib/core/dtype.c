@@ -53,3 +53,13 @@ float kfac_bf16_to_f32(uint16_t h)
     memcpy(&x, &u, 4);
     return x;
 }
+
+uint16_t kfac_f32_to_16(kfac_dtype t, float x)
+{
+    return t == KFAC_F16 ? kfac_f32_to_f16(x) : kfac_f32_to_bf16(x);
+}
+
+float kfac_16_to_f32(kfac_dtype t, uint16_t h)
+{
+    return t == KFAC_F16 ? kfac_f16_to_f32(h) : kfac_bf16_to_f32(h);
+}

@@ -835,11 +835,8 @@ kfac_status kfac_model_loss_sampled(kfac_model *m, int n, uint64_t seed)
         st = m->be->download(m->be, host, logits->data, count * sizeof *host);
     } else { /* 16-bit logits, widened exactly */
         st = m->be->download(m->be, m->host_logits16, logits->data, count * sizeof(uint16_t));
-        const int bf16 = m->be->act_dtype == KFAC_BF16;
-        if (st == KFAC_OK)
-            for (size_t i = 0; i < count; i++)
-                host[i] = bf16 ? kfac_bf16_to_f32(m->host_logits16[i])
-                               : kfac_f16_to_f32(m->host_logits16[i]);
+        for (size_t i = 0; st == KFAC_OK && i < count; i++)
+            host[i] = kfac_16_to_f32(m->be->act_dtype, m->host_logits16[i]);
     }
     kfac_rng rng;
     kfac_rng_seed(&rng, seed);

@@ -530,17 +530,6 @@ static int factor_parts(layer *L, int running, float *part[2], size_t len[2])
 
 static int selected(const layer *L, int which) { return which ? L->inverse_due : L->factor_due; }
 
-/* Factor traffic in 16 bits: one rounding on the way out. */
-static uint16_t to_wire16(kfac_dtype t, float x)
-{
-    return t == KFAC_F16 ? kfac_f32_to_f16(x) : kfac_f32_to_bf16(x);
-}
-
-static float from_wire16(kfac_dtype t, uint16_t h)
-{
-    return t == KFAC_F16 ? kfac_f16_to_f32(h) : kfac_bf16_to_f32(h);
-}
-
 /* One rank with float32 traffic: the reduce-scatter is a copy, so the
  * owner's batch buffers become scale times the sources in place. */
 static kfac_status scale_factors_locally(kfac_precond *p, int which, float scale)
@@ -583,7 +572,8 @@ static kfac_status reduce_factors(kfac_precond *p, int which, float scale)
         for (int j = 0; j < parts; j++) {
             KFAC_TRY(be->download(be, p->fsend + off, part[j], len[j] * sizeof(float)));
             if (half)
-                for (size_t i = 0; i < len[j]; i++) p->fsend16[off + i] = to_wire16(t, p->fsend[off + i]);
+                for (size_t i = 0; i < len[j]; i++) /* 16-bit traffic: one rounding */
+                    p->fsend16[off + i] = kfac_f32_to_16(t, p->fsend[off + i]);
             off += len[j];
             p->counts[L->owner] += len[j];
         }
@@ -603,7 +593,7 @@ static kfac_status reduce_factors(kfac_precond *p, int which, float scale)
         for (int j = 0; j < parts; j++) {
             float *recv = p->frecv + off;
             for (size_t i = 0; i < len[j]; i++)
-                recv[i] = scale * (half ? from_wire16(t, p->frecv16[off + i]) : recv[i]);
+                recv[i] = scale * (half ? kfac_16_to_f32(t, p->frecv16[off + i]) : recv[i]);
             KFAC_TRY(be->upload(be, part[j], recv, len[j] * sizeof(float)));
             off += len[j];
         }

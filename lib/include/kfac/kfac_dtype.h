@@ -25,6 +25,9 @@ uint16_t kfac_f32_to_f16(float x);
 float kfac_f16_to_f32(uint16_t h);
 uint16_t kfac_f32_to_bf16(float x);
 float kfac_bf16_to_f32(uint16_t h);
+/* The same for a 16-bit type t named at run time (KFAC_F16 or KFAC_BF16). */
+uint16_t kfac_f32_to_16(kfac_dtype t, float x);
+float kfac_16_to_f32(kfac_dtype t, uint16_t h);
 
 #ifdef __cplusplus
 }
